@@ -1,0 +1,181 @@
+"""Benchmarks, each a table for people and a dict for JSON.
+
+``overhead()`` runs a real study of the default workload in a scratch directory and splits
+every trial's wall time, as the study process saw it, into measured work (fine-tune,
+latency, evaluation, size, memory, profile) and fixed cost (sampling, process start,
+loading the workload and data, collecting the result, storage writes).
+
+``one_at_a_time()`` measures the baseline and then every value the space offers for each
+knob, changed alone, the way a tutorial would try techniques one by one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from advisor import hardware, space, storage
+from advisor import study as core
+from advisor.report import Progress, table
+from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
+
+MEASURED = ("baseline_train", "train", "latency", "evaluate", "size", "memory", "profile")
+GOAL_PCT = 15.0
+
+
+def overhead(trials: int = 6, seed: int = 0, model: str | None = None,
+             progress: Progress | None = None) -> dict:
+    """Run ``trials`` trials of a fresh study; the per-trial split as a JSON-able dict."""
+    with tempfile.TemporaryDirectory(prefix="advisor-bench-") as tmp:
+        options = core.RunOptions(model=model, trials=trials, seed=seed,
+                                  storage=f"sqlite:///{Path(tmp) / 'bench.db'}",
+                                  cache_dir=str(Path(tmp) / "cache"))
+        result = core.run(options, progress or Progress(trials))
+    rows = []
+    for t in result.timings:
+        phases = t["phases"]
+        measured = sum(phases.get(k, 0.0) for k in MEASURED)
+        wall = t["ask_s"] + t["process_s"] + t["store_s"]
+        in_process = sum(phases.values())
+        rows.append({
+            "trial": t["number"],
+            "compile": t["knobs"]["compile"],
+            "ok": t["ok"],
+            "wall_s": wall,
+            "measured_s": measured,
+            "fixed_s": wall - measured,
+            "fixed_pct": 100.0 * (wall - measured) / wall,
+            "ask_s": t["ask_s"],
+            "start_s": phases.get("start", 0.0),
+            "load_s": phases.get("load", 0.0),
+            "collect_s": max(0.0, t["process_s"] - in_process),
+            "store_s": t["store_s"],
+        })
+    pcts = [r["fixed_pct"] for r in rows]
+    return {
+        "trials": rows,
+        "once_per_study": {
+            "workload_and_data_s": result.setup_s.get("workload_and_data_s"),
+            "trial_server_start_s": result.baseline.get("phases", {}).get("start"),
+            "baseline_s": result.setup_s.get("baseline_s"),
+        },
+        "summary": {
+            "median_fixed_pct": statistics.median(pcts),
+            "max_fixed_pct": max(pcts),
+            "median_wall_s": statistics.median(r["wall_s"] for r in rows),
+            "median_fixed_s": statistics.median(r["fixed_s"] for r in rows),
+            "goal_pct": GOAL_PCT,
+            "goal_met": statistics.median(pcts) < GOAL_PCT,
+        },
+    }
+
+
+def render(report: dict) -> str:
+    cols = ["trial", "compile", "wall s", "measured s", "fixed s", "fixed %",
+            "ask", "start", "load", "collect", "store"]
+    rows = [[f"#{r['trial']}", r["compile"], f"{r['wall_s']:.2f}", f"{r['measured_s']:.2f}",
+             f"{r['fixed_s']:.3f}", f"{r['fixed_pct']:.1f}", f"{r['ask_s']:.3f}",
+             f"{r['start_s']:.3f}", f"{r['load_s']:.3f}", f"{r['collect_s']:.3f}",
+             f"{r['store_s']:.3f}"] for r in report["trials"]]
+    s, once = report["summary"], report["once_per_study"]
+    lines = [
+        "Time per trial of the default workload (seconds; fixed = ask + start + load + "
+        "collect + store)",
+        table(cols, rows, right=set(range(2, 11))),
+        "",
+        f"median fixed cost {s['median_fixed_s']:.3f} s = {s['median_fixed_pct']:.1f}% of a "
+        f"median {s['median_wall_s']:.2f} s trial (max {s['max_fixed_pct']:.1f}%); goal "
+        f"< {s['goal_pct']:.0f}%: {'met' if s['goal_met'] else 'NOT met'}",
+        f"once per study: workload build + data cache {once['workload_and_data_s']:.2f} s, "
+        f"trial server start (imports torch) {once['trial_server_start_s']:.2f} s, "
+        f"baseline {once['baseline_s']:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
+                  progress: Progress | None = None, only: dict[str, list] | None = None,
+                  **settings) -> dict:
+    """Baseline, then each offered value of each knob changed alone; rows with ratios.
+
+    ``only`` restricts the knobs and values tried (``{"precision": ["bf16"]}``);
+    ``settings`` are measurement settings (``trial_steps``, ``latency_seconds``, ...).
+    """
+    hw = hardware.detect(device)
+    workload = build(WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd())))
+    search = space.build(hw, workload.model, workload.batch_size,
+                         settings.get("lr") or space.DEFAULT_LR)
+    base = space.Knobs(lr=settings.get("lr") or space.DEFAULT_LR).to_dict()
+    configs = []
+    for f in fields(space.Knobs):
+        if f.name == "lr":
+            continue
+        for value in getattr(search, f.name):
+            if value != base[f.name] and (only is None or value in only.get(f.name, [])):
+                configs.append({**base, f.name: value})
+    with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
+        root = Path(study_dir or tmp)
+        url = f"sqlite:///{root / 'knobs.db'}"
+        options = core.RunOptions(model=model, device=device, trials=len(configs), enqueue=configs,
+                                  storage=url, cache_dir=str(root / "cache"), study="knobs",
+                                  sampler="random", seed=0, **settings)
+        core.run(options, progress or Progress(len(configs)))
+        study = optuna.load_study(study_name="knobs", storage=storage.open_storage(url))
+        baseline = study.user_attrs["baseline"]
+        rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True)]
+        for t in study.trials:
+            changed = [k for k in base if t.params.get(k) != base[k]]
+            label = ", ".join(f"{k}={t.params[k]}" for k in changed) or "baseline again"
+            if t.state == TrialState.COMPLETE:
+                rows.append(_knob_row(label, t.user_attrs["result"], baseline, ok=True))
+            else:
+                rows.append({"config": label, "ok": False,
+                             "reason": t.user_attrs.get("failure", {}).get("reason", str(t.state))})
+    return {"hardware": hw.to_dict(), "workload": workload.name,
+            "settings": study.user_attrs["settings"], "rows": rows}
+
+
+def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:
+    def pair(value: float, base: float) -> dict:
+        return {"value": value, "ratio": value / base if base else None}
+
+    m, b = result["metrics"], baseline["metrics"]
+    return {
+        "config": label, "ok": ok,
+        "throughput": pair(result["train"]["throughput"], baseline["train"]["throughput"]),
+        "memory_mib": pair(m["memory_mib"], b["memory_mib"]),
+        "latency_ms": pair(m["latency_ms"], b["latency_ms"]),
+        "latency_spread": result["latency"]["spread"],
+        "latency_batch1_ms": pair(result["latency_batch1"]["median_ms"],
+                                  baseline["latency_batch1"]["median_ms"]),
+        "size_mib": pair(m["size_mib"], b["size_mib"]),
+        "compile_s": result["compile_s"],
+        "accuracy": m["accuracy"], "accuracy_delta": m["accuracy"] - b["accuracy"],
+    }
+
+
+def render_knobs(report: dict) -> str:
+    def cell(p: dict, fmt: str = ".3g") -> str:
+        return f"{p['value']:{fmt}} ({p['ratio']:.2f}x)" if p["ratio"] is not None else f"{p['value']:{fmt}}"
+
+    cols = ["config", "train samples/s", "memory MiB", "latency ms", "batch-1 ms", "size MiB",
+            "compile s", "accuracy"]
+    rows = []
+    for r in report["rows"]:
+        if not r["ok"]:
+            rows.append([r["config"], f"FAILED: {r['reason']}", "", "", "", "", "", ""])
+            continue
+        rows.append([r["config"], cell(r["throughput"], ".0f"), cell(r["memory_mib"]),
+                     f"{cell(r['latency_ms'])} ±{r['latency_spread'] * 50:.0f}%",
+                     cell(r["latency_batch1_ms"]), cell(r["size_mib"]), f"{r['compile_s']:.1f}",
+                     f"{r['accuracy']:.4f} ({r['accuracy_delta']:+.4f})"])
+    hw, s = report["hardware"], report["settings"]
+    head = (f"One knob at a time: {report['workload']} on {hw['device']} ({hw['name']}), "
+            f"torch {hw['torch_version']}; {s['trial_steps']} fine-tune steps per trial, "
+            f"latency at batch {s['latency_batch']}; ratios to the baseline")
+    return head + "\n" + table(cols, rows, right=set(range(1, 8)))

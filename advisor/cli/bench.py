@@ -1,0 +1,59 @@
+"""``advisor bench``: benchmarks, each printed as a table and written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from advisor import bench
+from advisor.errors import AdvisorError
+from advisor.report import Progress
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: the advisor's overhead, one knob at a time",
+                       description="Benchmarks, each printed as a table and written as JSON.")
+    which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
+                         "fixed cost (default workload, scratch study)")
+    o.add_argument("--trials", type=int, default=6, help="trials to time (default 6)")
+    o.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    o.add_argument("--json", default="studies/bench-overhead.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-overhead.json)")
+    o.set_defaults(handler=overhead)
+    k = which.add_parser("knobs", help="the baseline, then each knob value changed alone")
+    k.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
+    k.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    k.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
+    k.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
+    k.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
+    k.add_argument("--json", default="studies/bench-knobs.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-knobs.json)")
+    k.set_defaults(handler=knobs)
+
+
+def _write(path: str, report: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"JSON: {out}")
+
+
+def overhead(args: argparse.Namespace) -> int:
+    if args.trials < 1:
+        raise AdvisorError(f"--trials must be a positive integer; got {args.trials}")
+    report = bench.overhead(trials=args.trials, seed=args.seed, progress=Progress(args.trials))
+    print(bench.render(report))
+    _write(args.json, report)
+    return 0
+
+
+def knobs(args: argparse.Namespace) -> int:
+    settings = {k: v for k, v in (("trial_steps", args.trial_steps),
+                                  ("latency_seconds", args.latency_seconds)) if v is not None}
+    report = bench.one_at_a_time(args.model, args.device, trial_timeout=args.trial_timeout,
+                                 **settings)
+    print(bench.render_knobs(report))
+    _write(args.json, report)
+    return 0

@@ -1,0 +1,77 @@
+"""``advisor run``: search the techniques for a workload and print the Pareto front."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from advisor import report, storage
+from advisor import study as core
+from advisor.workload import DEFAULT_MODEL
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run or resume a study",
+                       description="Run (or resume) a study: each trial fine-tunes your model "
+                       "under a set of techniques in its own process and measures accuracy, "
+                       "latency, memory and size.")
+    p.add_argument("--model", metavar="MODULE:FUNCTION",
+                   help=f"function returning an advisor.Workload or a torch.nn.Module "
+                        f"(default: the embedded {DEFAULT_MODEL})")
+    p.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="function returning (train, val) datasets, when --model returns a bare Module")
+    p.add_argument("--trials", type=int, default=20, help="trials to add in this run (default 20)")
+    p.add_argument("--study", help="study name (default: the workload's name)")
+    p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
+                   help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
+    p.add_argument("--sampler", default="tpe", help="tpe (multivariate, default), nsga2, gp or random")
+    p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible knobs")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
+    p.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a trial running longer is stopped and recorded as failed (default 600)")
+    p.add_argument("--trial-steps", type=int, metavar="N",
+                   help="optimizer steps of each trial's fine-tune (default 60)")
+    p.add_argument("--baseline-steps", type=int, metavar="N",
+                   help="optimizer steps to train the baseline when trained=False (default 300)")
+    p.add_argument("--lr", type=float, help="AdamW peak learning rate of the baseline; trials "
+                   "search 0.1x to 3x of it (default 1e-3)")
+    p.add_argument("--latency-batch", type=int, metavar="N",
+                   help="serving batch size of the latency objective (default: the workload's batch_size)")
+    p.add_argument("--latency-seconds", type=float, metavar="S",
+                   help="timing budget of each latency measurement (default 0.5)")
+    p.add_argument("--threads", type=int, help="CPU threads per trial (default: all usable cores)")
+    p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
+                   help="data maps, baseline weights, logs and the compiler cache (default studies/cache)")
+    p.set_defaults(handler=main)
+
+
+def options_from(args: argparse.Namespace) -> core.RunOptions:
+    fields = core.RunOptions.__dataclass_fields__
+    return core.RunOptions(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def next_commands(study_name: str, url: str) -> str:
+    where = "" if url == storage.DEFAULT_URL else f" --storage {shlex.quote(storage.display(url))}"
+    name = shlex.quote(study_name)
+    return "\n".join([
+        "Next:",
+        f"  advisor run --study {name}{where} --trials 12   # add trials to this study",
+        f"  advisor show --study {name}{where}              # this report again",
+        f"  optuna best-trials --study-name {name} --storage {shlex.quote(storage.display(url))}",
+    ])
+
+
+def main(args: argparse.Namespace) -> int:
+    options = options_from(args)
+    progress = report.Progress(options.trials)
+    result = core.run(options, progress)
+    loaded = core.load_study(result.study_name, options.storage)
+    print(report.study_report(loaded))
+    print()
+    print(next_commands(result.study_name, options.storage))
+    if result.interrupted:
+        print("advisor: interrupted; the trials above are stored, run again to resume",
+              file=sys.stderr)
+        return 130
+    return 0

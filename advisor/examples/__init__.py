@@ -1,0 +1,1 @@
+"""Embedded workloads: the default one ``advisor run`` uses, importable as ``module:function``."""

@@ -1,0 +1,95 @@
+"""What this machine can run well: the facts the search space is made hardware-aware from.
+
+Detection reads capability flags (oneDNN's bf16/fp16 support on CPU, the GPU's compute
+capability and bf16 support on CUDA, a C++ compiler or Triton for ``torch.compile``); it
+never runs a benchmark, so it is cheap and gives the same answer on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+
+from advisor.errors import AdvisorError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cpu" or "cuda"
+    name: str
+    cores: int
+    bf16: bool
+    fp16_fast: bool
+    compiler: bool
+    compiler_note: str
+    capability: tuple[int, int] | None
+    torch_version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def describe(self) -> str:
+        return f"{self.device} ({self.name}), torch {self.torch_version}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def detect(device: str = "auto") -> Hardware:
+    """Describe the device trials will run on (``auto``: CUDA when present, else CPU)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise AdvisorError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AdvisorError(
+            "--device cuda was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
+        )
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    cores = usable_cores()
+    if use_cuda:
+        from torch.utils._triton import has_triton
+
+        triton = has_triton()
+        return Hardware(
+            device="cuda",
+            name=torch.cuda.get_device_name(0),
+            cores=cores,
+            bf16=torch.cuda.is_bf16_supported(),
+            fp16_fast=True,
+            compiler=triton,
+            compiler_note="" if triton else "torch.compile on CUDA needs Triton, not installed",
+            capability=torch.cuda.get_device_capability(0),
+            torch_version=torch.__version__,
+        )
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+    return Hardware(
+        device="cpu",
+        name=cpu_name(),
+        cores=cores,
+        bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        fp16_fast=bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+        compiler=cxx is not None,
+        compiler_note="" if cxx else "torch.compile on CPU needs a C++ compiler (none found)",
+        capability=None,
+        torch_version=torch.__version__,
+    )

@@ -1,0 +1,94 @@
+"""Study storage: Optuna's RDB storage through SQLAlchemy, plus the study's binary artifacts.
+
+Studies stay plain Optuna studies (readable by ``optuna`` and optuna-dashboard); what
+Optuna has no place for, the trained baseline's weights, goes into one extra table,
+``advisor_blobs``, in the same database, so every worker that can reach the study can
+reuse them without training the baseline again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from advisor.errors import AdvisorError
+
+DEFAULT_URL = "sqlite:///studies/advisor.db"
+
+_metadata = sa.MetaData()
+_blobs = sa.Table(
+    "advisor_blobs", _metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.DateTime, nullable=False),
+)
+
+
+def parse_url(url: str) -> URL:
+    """The storage URL, or one line saying what a URL looks like."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise AdvisorError(
+            f"--storage must be a SQLAlchemy URL such as {DEFAULT_URL} or "
+            f"postgresql+psycopg://user@host/dbname; got {url!r}"
+        ) from None
+    return parsed
+
+
+def display(url: str) -> str:
+    """The URL as it may be printed: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<malformed URL>"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Connect to (and, for a new SQLite file, create) the study storage."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    shown = display(url)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        with storage.engine.begin() as connection:
+            _metadata.create_all(connection, checkfirst=True)
+    except (NoSuchModuleError, ImportError, ModuleNotFoundError) as exc:
+        raise AdvisorError(
+            f"--storage {shown}: the database driver is not installed ({_first_line(exc)}); "
+            f"install it, for PostgreSQL: pip install 'psycopg[binary]'"
+        ) from None
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as exc:
+        raise AdvisorError(f"--storage {shown}: cannot open the storage: {_first_line(exc)}") from None
+    return storage
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def put_blob(storage: optuna.storages.RDBStorage, study: str, key: str, data: bytes) -> None:
+    with storage.engine.begin() as connection:
+        connection.execute(sa.delete(_blobs).where(_blobs.c.study_name == study,
+                                                   _blobs.c.key == key))
+        connection.execute(sa.insert(_blobs).values(study_name=study, key=key, data=data,
+                                                    created=dt.datetime.now(dt.UTC)))
+
+
+def get_blob(storage: optuna.storages.RDBStorage, study: str, key: str) -> bytes | None:
+    with storage.engine.connect() as connection:
+        row = connection.execute(sa.select(_blobs.c.data).where(
+            _blobs.c.study_name == study, _blobs.c.key == key)).first()
+    return bytes(row[0]) if row else None
+
+
+def study_names(storage: optuna.storages.RDBStorage) -> list[str]:
+    return [s.study_name for s in storage.get_all_studies()]

@@ -1,0 +1,416 @@
+"""The study: storage, baseline, and the loop that asks Optuna for knobs and runs trials.
+
+``run(RunOptions)`` is the one core behind ``advisor run`` and ``advisor.run()``:
+
+1. build and check the workload, materialize its data into the memory-mapped cache;
+2. create or resume the Optuna study (directions from the objectives table) and record the
+   workload, the measurement settings, the hardware and the search space with it;
+3. measure the baseline once per study (training it first when ``trained=False``; its
+   weights are stored in the study's database so a resumed run reuses them);
+4. ask the sampler for knobs, run each trial in its own process, and tell the study the
+   measured objectives, or a failure with its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from advisor import __version__, data, hardware, objectives, space, storage
+from advisor.errors import AdvisorError
+from advisor.report import Progress, short_result
+from advisor.trial.runner import Outcome, TrialRunner
+from advisor.trial.spec import Settings, TrialSpec
+from advisor.trial.worker import BASELINE_FILE, WORKLOAD_FILE
+from advisor.workload import (
+    DEFAULT_MODEL,
+    Workload,
+    WorkloadRef,
+    build,
+    call_model,
+    describe_exception,
+    logits_of,
+    loss_fn,
+    metric_fn,
+    metric_value,
+)
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SETTING_OPTIONS = ("trial_steps", "baseline_steps", "lr", "latency_batch", "latency_seconds")
+FORMAT = 1
+
+
+@dataclass
+class RunOptions:
+    """Everything ``advisor run`` takes; the CLI and ``advisor.run()`` both fill one."""
+
+    model: str | None = None
+    data: str | None = None
+    trials: int = 20
+    study: str | None = None
+    storage: str = storage.DEFAULT_URL
+    sampler: str = "tpe"
+    seed: int | None = None
+    device: str = "auto"
+    trial_timeout: float = 600.0
+    cache_dir: str = "studies/cache"
+    threads: int | None = None
+    # Measurement settings: None takes the study's stored value (or the default when new).
+    trial_steps: int | None = None
+    baseline_steps: int | None = None
+    lr: float | None = None
+    latency_batch: int | None = None
+    latency_seconds: float | None = None
+    # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
+    enqueue: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    study_name: str
+    storage: str
+    baseline: dict
+    completed: int
+    failed: int
+    front: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    # Per trial, where the wall time went: sampler, trial process, storage writes.
+    timings: list[dict] = field(default_factory=list)
+    setup_s: dict = field(default_factory=dict)
+
+
+def _check_options(options: RunOptions) -> None:
+    if isinstance(options.trials, bool) or not isinstance(options.trials, int) or options.trials < 1:
+        raise AdvisorError(f"--trials must be a positive integer; got {options.trials!r}")
+    if options.sampler not in SAMPLERS:
+        raise AdvisorError(
+            f"--sampler must be one of {', '.join(SAMPLERS)}; got {options.sampler!r}")
+    if not options.trial_timeout > 0:
+        raise AdvisorError(f"--trial-timeout must be > 0 seconds; got {options.trial_timeout!r}")
+    if options.threads is not None and options.threads < 1:
+        raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
+    storage.parse_url(options.storage)
+    Settings(**_explicit_settings(options))  # refuse bad values before anything is written
+
+
+def _explicit_settings(options: RunOptions) -> dict:
+    return {k: getattr(options, k) for k in SETTING_OPTIONS if getattr(options, k) is not None}
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(multivariate=True, seed=seed)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+def check_consumable(workload: Workload, splits: dict[str, data.MappedSplit]) -> None:
+    """Run a batch of each split through the model, loss and metric, naming what breaks."""
+    model = workload.model
+    was_training = model.training
+    model.eval()
+    loss, metric = loss_fn(workload), metric_fn(workload)
+    try:
+        for name, split in splits.items():
+            inputs, target = split.batch(np.arange(min(2, len(split))))
+            with torch.no_grad():
+                try:
+                    output = call_model(model, inputs)
+                except Exception as exc:
+                    raise AdvisorError(
+                        f"the model cannot consume a batch of Workload.{name}: inputs "
+                        f"{data.shapes_of(inputs)} -> {describe_exception(exc)}") from None
+                logits = logits_of(output)
+                try:
+                    value = loss(output, target)
+                except Exception as exc:
+                    raise AdvisorError(
+                        f"the loss fails on a batch of Workload.{name} (outputs "
+                        f"{data.shapes_of(logits)}, target {data.shapes_of(target)}): "
+                        f"{describe_exception(exc)}") from None
+                if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                    raise AdvisorError(
+                        f"Workload.loss must return a scalar Tensor; got "
+                        f"{data.shapes_of(value) if isinstance(value, torch.Tensor) else type(value).__name__}")
+                try:
+                    metric_value(metric, logits.float(), target)
+                except AdvisorError:
+                    raise
+                except Exception as exc:
+                    raise AdvisorError(
+                        f"Workload.metric fails on a batch of Workload.{name} (outputs "
+                        f"{data.shapes_of(logits)}, target {data.shapes_of(target)}): "
+                        f"{describe_exception(exc)}") from None
+    finally:
+        model.train(was_training)
+
+
+def save_workload(workload: Workload, cache: Path) -> bool:
+    """Pickle model, loss and metric for trial processes; False when they cannot be pickled
+    (a lambda loss, say): trial processes then call the build function again."""
+    path = cache / WORKLOAD_FILE
+    buffer = io.BytesIO()
+    try:
+        torch.save({"model": workload.model, "loss": loss_fn(workload),
+                    "metric": metric_fn(workload)}, buffer)
+    except Exception:
+        path.unlink(missing_ok=True)
+        return False
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return True
+
+
+def _resolve_settings(options: RunOptions, stored: dict | None, workload: Workload,
+                      study_name: str) -> Settings:
+    explicit = _explicit_settings(options)
+    if stored:
+        different = {k: v for k, v in explicit.items() if stored.get(k) != v}
+        if different:
+            name, value = next(iter(different.items()))
+            flag = "--" + name.replace("_", "-")
+            raise AdvisorError(
+                f"study {study_name!r} was measured with {flag} {stored.get(name)}; this run asks "
+                f"for {value}. Drop {flag} to resume it, or start a new study with --study NAME")
+        return Settings.from_dict(stored)
+    return Settings(**{"latency_batch": workload.batch_size, **explicit})
+
+
+def _workload_info(workload: Workload, ref: WorkloadRef, fingerprints: dict) -> dict:
+    return {
+        "name": workload.name, "model": ref.model, "data": ref.data,
+        "batch_size": workload.batch_size, "trained": workload.trained,
+        "metric": workload.metric if isinstance(workload.metric, str) else "custom",
+        "parameters": sum(p.numel() for p in workload.model.parameters()),
+        "train_samples": None, "fingerprints": fingerprints,
+    }
+
+
+def _check_resume(study_name: str, attrs: dict, info: dict, hw: hardware.Hardware,
+                  space_dict: dict) -> None:
+    if attrs.get("advisor", {}).get("format") is None:
+        raise AdvisorError(
+            f"study {study_name!r} exists in this storage but was not made by advisor; "
+            f"choose another name with --study NAME")
+    old = attrs.get("workload", {})
+    if old.get("fingerprints") != info["fingerprints"] or old.get("parameters") != info["parameters"]:
+        raise AdvisorError(
+            f"the workload of study {study_name!r} changed since it began (its data or model "
+            f"differ from the stored ones); start a new study with --study NAME")
+    old_device = attrs.get("hardware", {}).get("device")
+    if old_device != hw.device:
+        raise AdvisorError(
+            f"study {study_name!r} was measured on {old_device} ({attrs['hardware'].get('name')}) "
+            f"and this run would use {hw.device}; use --device {old_device} or a new --study NAME")
+    if attrs.get("space") != space_dict:
+        raise AdvisorError(
+            f"study {study_name!r} was searched over another space (other hardware or model); "
+            f"start a new study with --study NAME")
+
+
+def _store_outcome(trial: optuna.Trial, outcome: Outcome) -> None:
+    if outcome.ok:
+        result = dict(outcome.result)
+        trial.set_user_attr("result", result)
+    else:
+        trial.set_user_attr("failure", {"reason": outcome.reason, "phase": outcome.phase,
+                                        "log_tail": outcome.log_tail[-4000:],
+                                        "wall_s": outcome.wall_s})
+
+
+def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
+    """Run (or resume) a study; see the module docstring for the steps."""
+    _check_options(options)
+    clock = time.perf_counter()
+    setup: dict[str, float] = {}
+    hw = hardware.detect(options.device)
+    ref = WorkloadRef(model=options.model or DEFAULT_MODEL, data=options.data, cwd=os.getcwd())
+    workload = build(ref)
+    study_name = options.study or workload.name
+    cache_root = Path(options.cache_dir).resolve()
+    cache = cache_root / _safe(study_name)
+    fingerprints = {split: data.materialize(getattr(workload, split), cache / "data" / split, split)
+                    for split in ("train", "val")}
+    splits = {s: data.MappedSplit(cache / "data" / s) for s in ("train", "val")}
+    check_consumable(workload, splits)
+    save_workload(workload, cache)
+    info = _workload_info(workload, ref, fingerprints)
+    info["train_samples"] = len(splits["train"])
+    setup["workload_and_data_s"] = time.perf_counter() - clock
+
+    rdb = storage.open_storage(options.storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = objectives.DIRECTIONS
+    sampler = make_sampler(options.sampler, options.seed)
+    existing = study_name in storage.study_names(rdb)
+    study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler) if existing else None
+    attrs = study.user_attrs if study else {}
+    if study and [d.name.lower() for d in study.directions] != directions:
+        raise AdvisorError(f"study {study_name!r} has other objectives than advisor's; "
+                           f"choose another name with --study NAME")
+    settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
+    search = space.build(hw, workload.model, workload.batch_size, settings.lr)
+    queued = [search.check_values(values) for values in options.enqueue]
+    if study:
+        _check_resume(study_name, attrs, info, hw, search.to_dict())
+    else:
+        # Created only now, after every check passed: a refused run leaves no empty study.
+        study = optuna.create_study(storage=rdb, study_name=study_name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives.NAMES))
+        study.set_user_attr("advisor", {"version": __version__, "format": FORMAT})
+        study.set_user_attr("workload", info)
+        study.set_user_attr("settings", settings.to_dict())
+        study.set_user_attr("hardware", hw.to_dict())
+        study.set_user_attr("space", search.to_dict())
+        study.set_user_attr("objectives", [{"name": o.name, "direction": o.direction,
+                                            "unit": o.unit} for o in objectives.OBJECTIVES])
+
+    for values in queued:
+        study.enqueue_trial(values)
+    progress = progress or Progress(options.trials)
+    runner = TrialRunner(preload=_modules_of(workload, ref))
+    env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
+           ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
+    threads = options.threads or hw.cores
+
+    def spec(role: str, number: int, knobs: space.Knobs, train_baseline: bool = False) -> TrialSpec:
+        return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
+                         cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
+                         device=hw.device, threads=threads, env=env,
+                         train_baseline=train_baseline)
+
+    clock = time.perf_counter()
+    baseline = _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,
+                                settings)
+    setup["baseline_s"] = time.perf_counter() - clock
+    result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
+                       completed=0, failed=0, setup_s=setup)
+    try:
+        for i in range(1, options.trials + 1):
+            t0 = time.perf_counter()
+            trial = study.ask()
+            knobs = search.suggest(trial)
+            t1 = time.perf_counter()
+            progress.start(i, f"#{trial.number} {knobs.describe()}")
+            try:
+                outcome = runner.run(spec("trial", trial.number, knobs), options.trial_timeout,
+                                     on_tick=progress.tick)
+            except KeyboardInterrupt:
+                outcome = Outcome(ok=False, reason="interrupted", phase="")
+                _store_outcome(trial, outcome)
+                study.tell(trial, state=TrialState.FAIL)
+                progress.finish("interrupted")
+                result.interrupted = True
+                break
+            t2 = time.perf_counter()
+            _store_outcome(trial, outcome)
+            if outcome.ok:
+                study.tell(trial, objectives.values(outcome.result["metrics"]))
+                result.completed += 1
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+                result.failed += 1
+            t3 = time.perf_counter()
+            result.timings.append({
+                "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok,
+                "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
+                "phases": (outcome.result or {}).get("phases", {}),
+            })
+            if outcome.ok:
+                progress.finish(short_result(outcome.result), len(study.best_trials))
+            else:
+                progress.finish(f"FAILED: {outcome.reason}")
+    finally:
+        result.front = [t.number for t in study.best_trials]
+    return result
+
+
+def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,
+                     settings) -> dict:
+    """The study's baseline: its weights in the cache and its measured objectives."""
+    weights = cache / BASELINE_FILE
+    need_training = False
+    if workload.trained:
+        torch.save(workload.model.state_dict(), weights)
+    else:
+        blob = storage.get_blob(rdb, study.study_name, BASELINE_FILE)
+        if blob is not None:
+            weights.write_bytes(blob)
+        else:
+            weights.unlink(missing_ok=True)
+            need_training = True
+    baseline = study.user_attrs.get("baseline")
+    if baseline is not None and not need_training:
+        return baseline
+    label = "training and measuring the baseline" if need_training else "measuring the baseline"
+    progress.start(0, label)
+    outcome = runner.run(spec("baseline", -1, space.Knobs(lr=settings.lr), need_training),
+                         options.trial_timeout, on_tick=progress.tick)
+    if not outcome.ok:
+        raise AdvisorError(
+            f"the baseline run failed, so no trial can be compared: {outcome.reason}"
+            f" (log: {cache / 'logs' / 'baseline.log'})")
+    if need_training:
+        storage.put_blob(rdb, study.study_name, BASELINE_FILE, weights.read_bytes())
+    baseline = {**outcome.result, "knobs": space.Knobs(lr=settings.lr).to_dict()}
+    study.set_user_attr("baseline", baseline)
+    progress.finish(f"baseline: {short_result(outcome.result)}")
+    return baseline
+
+
+def _modules_of(workload: Workload, ref: WorkloadRef) -> list[str]:
+    """The modules a trial process imports to unpickle the workload: preload them once."""
+    names = {ref.model.partition(":")[0], type(workload.model).__module__}
+    if ref.data:
+        names.add(ref.data.partition(":")[0])
+    return sorted(n for n in names if n and n != "__main__")
+
+
+def _safe(name: str) -> str:
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")[:60] or "study"
+    return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def load_study(study_name: str | None, storage_url: str) -> optuna.Study:
+    """An existing advisor study, or one line naming the ones the storage holds."""
+    rdb = storage.open_storage(storage_url)
+    names = storage.study_names(rdb)
+    if study_name is None:
+        if len(names) == 1:
+            study_name = names[0]
+        else:
+            raise AdvisorError(
+                f"--study is needed: the storage {storage.display(storage_url)} holds "
+                f"{len(names)} studies ({', '.join(names) or 'none'})")
+    if study_name not in names:
+        raise AdvisorError(
+            f"no study {study_name!r} in {storage.display(storage_url)}; it holds "
+            f"{', '.join(names) or 'no studies'}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=study_name, storage=rdb)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

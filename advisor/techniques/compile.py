@@ -1,0 +1,52 @@
+"""torch.compile modes; the compile time is measured and charged to the trial.
+
+On CPU, ``reduce-overhead`` (CUDA graphs) has nothing to do and ``max-autotune`` is offered
+as its ``-no-cudagraphs`` variant. Inductor's on-disk cache is shared between trials
+(``TORCHINDUCTOR_CACHE_DIR``, set by the runner), so a graph compiled once is reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advisor.hardware import Hardware
+from advisor.techniques import Exclusion, unknown
+
+KNOB = "compile"
+MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    mode: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise unknown(KNOB, self.mode, MODES)
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.mode in ("reduce-overhead", "max-autotune")
+
+
+def apply(model: nn.Module, config: CompileConfig) -> nn.Module:
+    """The compiled model (compilation itself happens lazily, on the first call)."""
+    if config.mode == "none":
+        return model
+    return torch.compile(model, mode=config.mode)
+
+
+def options(hw: Hardware) -> tuple[list[str], list[Exclusion]]:
+    if not hw.compiler:
+        return ["none"], [Exclusion(KNOB, m, hw.compiler_note) for m in MODES if m != "none"]
+    if hw.device == "cuda":
+        offered = ["none", "default", "reduce-overhead", "max-autotune"]
+        return offered, [Exclusion(KNOB, "max-autotune-no-cudagraphs",
+                                   "max-autotune with CUDA graphs is offered instead")]
+    return ["none", "default", "max-autotune-no-cudagraphs"], [
+        Exclusion(KNOB, "reduce-overhead", "CUDA graphs need a CUDA device"),
+        Exclusion(KNOB, "max-autotune", "uses CUDA graphs; max-autotune-no-cudagraphs is offered"),
+    ]

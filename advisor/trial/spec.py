@@ -1,0 +1,71 @@
+"""What a trial process is told: the study's measurement settings and one trial's spec."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from advisor.errors import AdvisorError
+from advisor.workload import WorkloadRef
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Measurement settings fixed for a study, so its trials stay comparable.
+
+    They are stored with the study; a resumed run that asks for different ones is refused.
+    """
+
+    trial_steps: int = 60  # optimizer steps of each trial's fine-tune
+    baseline_steps: int = 300  # optimizer steps to train the baseline when trained=False
+    lr: float = 1e-3  # AdamW peak learning rate of the baseline (trials search around it)
+    warmup_steps: int = 2  # first fine-tune steps left out of throughput and memory
+    latency_batch: int = 64  # the serving batch size the latency objective uses
+    latency_seconds: float = 0.5  # timing budget of each latency measurement
+    profile_steps: int = 3  # training steps and inference batches run under the profiler
+    seed: int = 0  # data order and initialization of every trial
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = int if f.type in ("int", int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdvisorError(f"setting {f.name} must be a number; got {value!r}")
+            if kind is int and not isinstance(value, int):
+                raise AdvisorError(f"setting {f.name} must be an integer; got {value!r}")
+        if self.trial_steps <= self.warmup_steps:
+            raise AdvisorError(
+                f"--trial-steps must exceed the {self.warmup_steps} warm-up steps that "
+                f"throughput and memory leave out; got {self.trial_steps}"
+            )
+        for name in ("baseline_steps", "profile_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise AdvisorError(f"setting {name} must be >= 0; got {getattr(self, name)}")
+        for name in ("lr", "latency_seconds", "latency_batch"):
+            if not getattr(self, name) > 0:
+                raise AdvisorError(f"setting {name} must be > 0; got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Settings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial process needs; it never touches the study's storage."""
+
+    role: str  # "baseline" or "trial"
+    number: int  # the Optuna trial number (-1 for the baseline)
+    knobs: dict
+    settings: Settings
+    cache_dir: str  # data maps, the pickled workload, the baseline weights
+    ref: WorkloadRef  # to rebuild the workload when it could not be pickled
+    batch_size: int  # the workload's effective training batch
+    device: str
+    threads: int
+    env: tuple[tuple[str, str], ...] = ()  # environment of the trial (the compiler cache)
+    train_baseline: bool = False  # role "baseline": train before measuring
+    spawned_at: float = 0.0  # wall clock when the parent started the process

@@ -1,0 +1,214 @@
+"""The fine-tune every trial runs: AdamW, linear warm-up then cosine decay, and the knobs.
+
+One optimizer step takes ``accumulation`` micro-batches of ``batch_size / accumulation``
+samples under the trial's autocast (with a GradScaler for fp16). The first
+``warmup_steps`` steps (where compilation and lazy initialization happen) are timed apart;
+throughput comes from the steps after them. Peak memory is measured in a window of its own
+(``training_memory``), after the timed work, because measuring it well on CPU changes how
+the C library allocates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from advisor.data import MappedSplit, to_device
+from advisor.techniques import precision
+from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.compile import CompileConfig
+from advisor.techniques.precision import PrecisionConfig
+from advisor.trial.measure import (
+    MIB,
+    MemoryMeter,
+    graph_pool_bytes,
+    model_state_bytes,
+    optimizer_state_bytes,
+    peak_in_fresh_arena,
+    synchronize,
+)
+from advisor.workload import LossFn, call_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
+    warm = max(1, round(0.1 * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Sampler:
+    """Epoch-wise shuffled indices; a batch never straddles two epochs."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(n)
+        self.pos = 0
+
+    def take(self, k: int) -> np.ndarray:
+        if k > self.n:
+            return self.rng.integers(0, self.n, size=k)
+        if self.pos + k > self.n:
+            self.order = self.rng.permutation(self.n)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + k]
+        self.pos += k
+        return idx
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    micro_batches: int
+    warmup_s: float
+    measured_s: float
+    throughput: float  # samples per second over the measured steps
+    step_ms: float  # mean time per optimizer step over the measured steps
+    compile_s: float  # warm-up time above steady-state steps, when compiled
+    runtime_init_mib: float  # memory the warm-up steps added (allocator, kernels, compiler)
+    final_loss: float
+
+
+@dataclass
+class MemoryReport:
+    transient_mib: float  # measured peak of training steps above the level before them
+    state_mib: float  # model parameters and buffers plus optimizer state, counted exactly
+    steps: int
+    graph_pool_mib: float = 0.0  # CUDA-graph private pools, included in transient_mib
+
+    @property
+    def memory_mib(self) -> float:
+        return self.state_mib + self.transient_mib
+
+
+class Trainer:
+    """Runs optimizer steps of ``model`` (``compiled`` is what is called) under the knobs."""
+
+    def __init__(self, model: nn.Module, compiled: nn.Module, data: MappedSplit, loss: LossFn,
+                 *, precision_cfg: PrecisionConfig, accumulation: AccumulationConfig,
+                 compile_cfg: CompileConfig, batch_size: int, lr: float, steps: int,
+                 device: torch.device, seed: int) -> None:
+        self.model, self.compiled, self.data, self.loss = model, compiled, data, loss
+        self.device = device
+        self.accumulation = accumulation.steps
+        self.micro = accumulation.micro_batch(batch_size)
+        self.autocast = lambda: precision.autocast(precision_cfg, device.type)
+        self.scaler = precision.grad_scaler(precision_cfg, device.type)
+        self.cudagraphs = compile_cfg.cudagraphs and device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.schedule = warmup_cosine(self.optimizer, steps)
+        self.sampler = Sampler(len(data), seed)
+        self.micro_batches = 0
+        self.loss_sum = torch.zeros((), device=device)
+
+    def step(self) -> None:
+        """One optimizer step over ``accumulation`` micro-batches."""
+        if self.cudagraphs:
+            # Once per optimizer step, not per micro-batch: a new CUDA-graph generation would
+            # overwrite the gradients the earlier micro-batches accumulated.
+            torch.compiler.cudagraph_mark_step_begin()
+        for _ in range(self.accumulation):
+            inputs, target = self.data.batch(self.sampler.take(self.micro))
+            inputs, target = to_device(inputs, self.device), target.to(self.device)
+            with self.autocast():
+                loss = self.loss(call_model(self.compiled, inputs), target) / self.accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.loss_sum += loss.detach().float()
+            self.micro_batches += 1
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+
+    def take_loss(self, steps: int) -> float:
+        """Mean loss per step since the last call; raises if it is not finite."""
+        value = self.loss_sum.item() / max(1, steps)
+        self.loss_sum.zero_()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss became {value} (diverged)")
+        return value
+
+
+def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMeter,
+              on_step: Callable[[int], None] | None = None) -> TrainReport:
+    """Run ``steps`` optimizer steps; time the ones after ``warmup_steps``."""
+    device = trainer.device
+    trainer.model.train()
+    synchronize(device)
+    level0 = meter.level()
+    began = time.perf_counter()
+    for i in range(warmup_steps):
+        trainer.step()
+        if on_step:
+            on_step(i)
+    trainer.take_loss(warmup_steps)
+    synchronize(device)
+    warmup_s = time.perf_counter() - began
+    runtime_init = meter.level() - level0
+    began = time.perf_counter()
+    for i in range(warmup_steps, steps):
+        trainer.step()
+        if on_step:
+            on_step(i)
+    synchronize(device)
+    measured_s = time.perf_counter() - began
+    final_loss = trainer.take_loss(steps - warmup_steps)
+    measured_steps = steps - warmup_steps
+    step_s = measured_s / measured_steps
+    compiled = trainer.compiled is not trainer.model
+    return TrainReport(
+        steps=steps,
+        micro_batches=trainer.micro_batches,
+        warmup_s=warmup_s,
+        measured_s=measured_s,
+        throughput=measured_steps * trainer.micro * trainer.accumulation / measured_s,
+        step_ms=step_s * 1e3,
+        compile_s=max(0.0, warmup_s - warmup_steps * step_s) if compiled else 0.0,
+        runtime_init_mib=max(0, runtime_init) / MIB,
+        final_loss=final_loss,
+    )
+
+
+def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> MemoryReport:
+    """Peak memory of ``steps`` more optimizer steps, after warm-up (and compilation).
+
+    Transient memory (activations, gradients, workspaces) is measured; the state that lives
+    across steps (weights, buffers, optimizer moments) is counted exactly from its tensors,
+    so memory the runtime or compiler set aside once per process is not charged to the model.
+    Run it after anything timed: on CPU it pins the C library's mmap threshold (see
+    ``measure.peak_in_fresh_arena``).
+    """
+    trainer.model.train()
+
+    def window() -> None:
+        for _ in range(steps):
+            trainer.step()
+
+    transient, _ = peak_in_fresh_arena(window, meter)
+    trainer.take_loss(steps)
+    state = model_state_bytes(trainer.model) + optimizer_state_bytes(trainer.optimizer)
+    # CUDA graphs keep their activations in private pools reserved when they were recorded,
+    # before the window: count those pools whole.
+    graphs = graph_pool_bytes(meter.device)
+    return MemoryReport(transient_mib=(transient + graphs) / MIB, state_mib=state / MIB,
+                        steps=steps, graph_pool_mib=graphs / MIB)

@@ -1,0 +1,265 @@
+"""The workload contract: what a user's ``module:function`` returns, and how it is loaded.
+
+``build()`` returns an :class:`Workload` or a bare ``torch.nn.Module`` (then ``--data``
+names a function returning ``(train, val)``). Everything the rest of the pipeline needs to
+call the user's model (input forms, ``.logits`` outputs, loss and metric) lives here, so the
+trainer and the measurements never special-case a workload.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from advisor.errors import AdvisorError
+
+DEFAULT_MODEL = "advisor.examples.digits:build"
+
+Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass
+class Workload:
+    """A model with its data, as the advisor measures it.
+
+    ``train`` and ``val`` are map-style datasets of ``(inputs, target)`` pairs, where
+    ``inputs`` is a Tensor (``model(x)``), a tuple of Tensors (``model(*x)``) or a dict of
+    Tensors (``model(**x)``). ``batch_size`` is the effective training batch, kept fixed
+    across accumulation choices. With ``trained=False`` the advisor first trains a baseline.
+    """
+
+    model: nn.Module
+    train: Any
+    val: Any
+    loss: LossFn | None = None
+    metric: str | MetricFn = "accuracy"
+    batch_size: int = 64
+    trained: bool = False
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadRef:
+    """Where a workload comes from, so a trial process can build it again if it must."""
+
+    model: str
+    data: str | None
+    cwd: str
+
+
+def resolve(ref: str, option: str = "--model") -> Callable[..., Any]:
+    """Import ``module:function`` with a message that says which part is wrong."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise AdvisorError(
+            f"{option} must be MODULE:FUNCTION (for example mymodel:build); got {ref!r}"
+        )
+    if os.getcwd() not in sys.path:
+        # Like `python -m`, a user's module in the working directory is importable.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise AdvisorError(
+                f"{option}: could not import module {module_name!r} ({exc}); run advisor from "
+                f"the directory that holds it or add that directory to PYTHONPATH"
+            ) from None
+        raise AdvisorError(
+            f"{option}: importing module {module_name!r} failed: {describe_exception(exc)}"
+        ) from None
+    except Exception as exc:
+        raise AdvisorError(
+            f"{option}: importing module {module_name!r} failed: {describe_exception(exc)}"
+        ) from None
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n]))
+        hint = f"; it defines {', '.join(public[:8])}" if public else ""
+        raise AdvisorError(
+            f"{option}: module {module_name!r} has no attribute {attr!r}{hint}"
+        ) from None
+    if not callable(fn):
+        raise AdvisorError(f"{option}: {ref} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of the innermost frame outside the advisor."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = os.path.dirname(os.path.abspath(__file__))
+    for frame in reversed(frames):
+        if not os.path.abspath(frame.filename).startswith(own):
+            where = f" ({os.path.basename(frame.filename)}:{frame.lineno})"
+            break
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def build(ref: WorkloadRef) -> Workload:
+    """Call the user's build function and return a checked :class:`Workload`."""
+    fn = resolve(ref.model, "--model")
+    try:
+        built = fn()
+    except AdvisorError:
+        raise
+    except Exception as exc:
+        raise AdvisorError(f"--model: {ref.model} raised {describe_exception(exc)}") from None
+    if isinstance(built, Workload):
+        if ref.data is not None:
+            raise AdvisorError(
+                f"--data: {ref.model} returns a Workload that carries its own data; "
+                f"drop --data {ref.data}"
+            )
+        workload = built
+    elif isinstance(built, nn.Module):
+        if ref.data is None:
+            raise AdvisorError(
+                f"--model: {ref.model} returns a bare torch.nn.Module; name its data with "
+                f"--data MODULE:FUNCTION (a function returning (train, val) datasets) or "
+                f"return an advisor.Workload"
+            )
+        data_fn = resolve(ref.data, "--data")
+        try:
+            data = data_fn()
+        except Exception as exc:
+            raise AdvisorError(f"--data: {ref.data} raised {describe_exception(exc)}") from None
+        if not (isinstance(data, Sequence) and len(data) == 2):
+            raise AdvisorError(
+                f"--data: {ref.data} must return a (train, val) pair of datasets; "
+                f"got {_describe(data)}"
+            )
+        workload = Workload(model=built, train=data[0], val=data[1])
+    else:
+        raise AdvisorError(
+            f"--model: {ref.model} must return an advisor.Workload or a torch.nn.Module; "
+            f"got {_describe(built)}"
+        )
+    check_fields(workload)
+    if workload.name is None:
+        workload.name = default_name(ref.model)
+    return workload
+
+
+def check_fields(workload: Workload) -> None:
+    """Type checks of the contract's fields, each with what was expected and what came."""
+    if not isinstance(workload.model, nn.Module):
+        raise AdvisorError(
+            f"Workload.model must be a torch.nn.Module; got {_describe(workload.model)}"
+        )
+    for split in ("train", "val"):
+        ds = getattr(workload, split)
+        if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+            raise AdvisorError(
+                f"Workload.{split} must be a map-style dataset (with __len__ and __getitem__) "
+                f"of (inputs, target) pairs; got {_describe(ds)}"
+            )
+        if len(ds) == 0:
+            raise AdvisorError(f"Workload.{split} is empty; it needs at least one sample")
+    bs = workload.batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise AdvisorError(f"Workload.batch_size must be a positive integer; got {bs!r}")
+    if workload.loss is not None and not callable(workload.loss):
+        raise AdvisorError(
+            f"Workload.loss must be callable(output, target) -> scalar or None; "
+            f"got {_describe(workload.loss)}"
+        )
+    if not (workload.metric == "accuracy" or callable(workload.metric)):
+        raise AdvisorError(
+            f"Workload.metric must be 'accuracy' or callable(outputs, targets) -> float; "
+            f"got {workload.metric!r}"
+        )
+    if workload.name is not None and not (isinstance(workload.name, str) and workload.name):
+        raise AdvisorError(f"Workload.name must be a non-empty string; got {workload.name!r}")
+
+
+def default_name(model_ref: str) -> str:
+    """A study-friendly name from ``module:function`` (``pkg.mymodel:build`` -> ``mymodel``)."""
+    module, _, fn = model_ref.partition(":")
+    base = module.rsplit(".", 1)[-1]
+    name = base if fn == "build" else f"{base}-{fn}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{list(obj.shape)}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} of {len(obj)}"
+    return type(obj).__name__
+
+
+# -- calling the model -------------------------------------------------------------------
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` by the form of the inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The tensor a loss and metric read: the output itself or its ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise AdvisorError(
+        f"the model's output must be a Tensor or have a 'logits' field or key; "
+        f"got {_describe(output)}"
+    )
+
+
+def loss_fn(workload: Workload) -> LossFn:
+    return workload.loss if workload.loss is not None else default_loss
+
+
+def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(output)
+    return nn.functional.cross_entropy(logits.float().flatten(0, -2), target.flatten())
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (outputs.argmax(-1) == targets).sum().item() / targets.numel()
+
+
+def metric_fn(workload: Workload) -> MetricFn:
+    return accuracy if workload.metric == "accuracy" else workload.metric  # type: ignore[return-value]
+
+
+def metric_value(metric: MetricFn, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Call the metric and insist on a number, saying what came instead."""
+    value = metric(outputs, targets)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            value = value.item()
+    except ImportError:  # pragma: no cover - numpy ships with torch's CPU wheels
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdvisorError(
+            f"Workload.metric must return a number (higher is better); got {_describe(value)}"
+            f"{f' {value!r}' if isinstance(value, str) else ''}"
+        )
+    return float(value)

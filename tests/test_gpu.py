@@ -1,0 +1,158 @@
+"""CUDA code paths: autocast and GradScaler, allocator peaks, synchronized timing, CUDA graphs.
+
+Marked ``gpu``: skipped where torch sees no CUDA device (conftest), run by
+``scripts/gpu-check.sh`` on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import advisor
+from advisor import data, hardware, space, storage
+from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.compile import CompileConfig
+from advisor.techniques.precision import PrecisionConfig
+from advisor.trial import measure
+from advisor.trial.measure import MIB, MemoryMeter
+from advisor.trial.train import Trainer, fine_tune, training_memory
+from advisor.workload import default_loss
+from conftest import EAGER, FAST
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda", 0)
+
+
+def split(tmp_path, n=256, features=8):
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, 3, (n,), generator=g))
+    data.materialize(ds, tmp_path / "train", "train")
+    return data.MappedSplit(tmp_path / "train")
+
+
+def cuda_trainer(model, train, *, dtype="fp32", mode="none", compiled=None, batch_size=64):
+    model.to(CUDA)
+    return Trainer(model, compiled if compiled is not None else model, train, default_loss,
+                   precision_cfg=PrecisionConfig(dtype), accumulation=AccumulationConfig(1),
+                   compile_cfg=CompileConfig(mode), batch_size=batch_size, lr=1e-2, steps=10,
+                   device=CUDA, seed=0)
+
+
+class Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 3)
+        self.dtypes = []
+
+    def forward(self, x):
+        h = self.fc1(x)
+        self.dtypes.append(h.dtype)
+        return self.fc2(torch.relu(h))
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_cuda_autocast_and_grad_scaler(dtype, expected, tmp_path):
+    model = Recorder()
+    t = cuda_trainer(model, split(tmp_path), dtype=dtype)
+    before = model.fc1.weight.detach().clone()
+    for _ in range(3):
+        t.step()
+    assert model.dtypes[0] == expected
+    assert (t.scaler is not None) == (dtype == "fp16")
+    assert not torch.equal(before, model.fc1.weight)
+
+
+def test_cuda_space_offers_gpu_modes():
+    hw = hardware.detect("cuda")
+    s = space.build(hw, Recorder(), 64)
+    assert "fp16" in s.precision and "reduce-overhead" in s.compile
+    assert hw.capability is not None and hw.capability >= (7, 0)
+
+
+class Allocating(nn.Module):
+    def __init__(self, extra_mib):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.extra = extra_mib * MIB // 4
+
+    def forward(self, x):
+        out = self.fc(x)
+        if self.training and self.extra:
+            out = out + torch.ones(self.extra, device=x.device)[:1] * 0
+        return out
+
+
+def test_cuda_allocator_peak_sees_a_known_allocation(tmp_path):
+    train = split(tmp_path)
+    transient = {}
+    for extra in (0, 64):
+        t = cuda_trainer(Allocating(extra), train)
+        fine_tune(t, steps=3, warmup_steps=2, meter=MemoryMeter(CUDA))
+        transient[extra] = training_memory(t, MemoryMeter(CUDA)).transient_mib
+    seen = transient[64] - transient[0]
+    assert 64 * 0.9 <= seen <= 64 * 1.1, f"64 MiB allocation measured as {seen:.1f} MiB"
+
+
+@torch.no_grad()
+def test_cuda_latency_is_synchronized():
+    w = torch.randn(4096, 4096, device=CUDA)
+    x = torch.randn(4096, 4096, device=CUDA)
+
+    def once():
+        return x @ w
+
+    def twice():
+        return (x @ w) @ w
+
+    fast = measure.time_calls(once, CUDA, budget_s=0.2)
+    slow = measure.time_calls(twice, CUDA, budget_s=0.2)
+    # Without synchronization both would time the launch only (microseconds, ratio ~1).
+    assert fast.median_ms > 0.05
+    assert 1.7 < slow.median_ms / fast.median_ms < 2.3
+
+
+def test_reduce_overhead_trains_under_cuda_graphs(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = Recorder().to(CUDA)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    t = cuda_trainer(model, split(tmp_path), mode="reduce-overhead", compiled=compiled)
+    assert t.cudagraphs
+    before = model.fc1.weight.detach().clone()
+    report = fine_tune(t, steps=6, warmup_steps=3, meter=MemoryMeter(CUDA))
+    assert report.compile_s > 0 and report.throughput > 0
+    assert not torch.equal(before, model.fc1.weight)
+    memory = training_memory(t, MemoryMeter(CUDA))
+    assert memory.graph_pool_mib > 0, "CUDA-graph pools are counted in the training memory"
+    assert memory.transient_mib >= memory.graph_pool_mib
+
+
+def test_reduce_overhead_with_accumulation_keeps_gradients(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = Recorder().to(CUDA)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    t = Trainer(model, compiled, split(tmp_path), default_loss, precision_cfg=PrecisionConfig("bf16"),
+                accumulation=AccumulationConfig(2), compile_cfg=CompileConfig("reduce-overhead"),
+                batch_size=64, lr=1e-2, steps=10, device=CUDA, seed=0)
+    for _ in range(5):
+        t.step()
+    t.take_loss(5)
+
+
+def test_a_study_runs_on_cuda(workdir):
+    result = advisor.run("workloads:tensor_mlp", trials=2, device="cuda", progress=False,
+                         storage=storage.DEFAULT_URL, **EAGER, **FAST)
+    assert result.completed == 2, advisor.show("tensor-mlp")
+    import optuna
+
+    study = optuna.load_study(study_name="tensor-mlp", storage=storage.DEFAULT_URL)
+    assert study.user_attrs["hardware"]["device"] == "cuda"
+    for t in study.trials:
+        r = t.user_attrs["result"]
+        assert r["metrics"]["memory_mib"] > 0 and r["latency"]["median_ms"] > 0

@@ -1,0 +1,140 @@
+"""Measurement honesty: each number the advisor prints is checked against a known truth."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from advisor import data
+from advisor.trial import measure, profile
+from advisor.trial.measure import MIB, MemoryMeter
+from advisor.trial.train import Sampler, TrainingDiverged, fine_tune, training_memory
+from advisor.workload import accuracy
+from test_techniques import split, trainer
+
+CPU = torch.device("cpu")
+
+
+class Repeated(nn.Module):
+    """A matmul-bound model that runs its body ``times`` times: a known latency ratio."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+        self.weight = nn.Parameter(torch.randn(384, 384) / 20)
+
+    def forward(self, x):
+        for _ in range(self.times):
+            y = x
+            for _ in range(4):
+                y = torch.tanh(y @ self.weight)
+        return y
+
+
+@torch.no_grad()
+def test_latency_of_a_twice_as_slow_model_measures_about_twice():
+    x = torch.randn(256, 384)
+    once, twice = Repeated(1), Repeated(2)
+    ratios = []
+    for _ in range(3):  # a noisy neighbour can spoil one pair; the median of three cannot
+        fast = measure.time_calls(lambda: once(x), CPU, budget_s=0.3)
+        slow = measure.time_calls(lambda: twice(x), CPU, budget_s=0.3)
+        ratios.append(slow.median_ms / fast.median_ms)
+        assert fast.p10_ms <= fast.median_ms <= fast.p90_ms and fast.reps >= 10
+    ratio = float(np.median(ratios))
+    assert 1.7 < ratio < 2.3, f"2x the work measured {ratio:.2f}x (pairs: {ratios})"
+
+
+class Allocating(nn.Module):
+    """Adds ``extra_mib`` of live memory to every training forward, and nothing else."""
+
+    def __init__(self, extra_mib: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.extra = extra_mib * MIB // 4
+
+    def forward(self, x):
+        out = self.fc(x)
+        if self.training and self.extra:
+            buffer = torch.ones(self.extra)  # touched, so resident
+            out = out + buffer[:1] * 0
+        return out
+
+
+def test_memory_of_a_known_allocation_is_seen_within_10_percent(tmp_path):
+    train = split(tmp_path)
+    transient = {}
+    for extra in (0, 64):
+        t = trainer(Allocating(extra), train)
+        fine_tune(t, steps=3, warmup_steps=2, meter=MemoryMeter(CPU))
+        transient[extra] = training_memory(t, MemoryMeter(CPU)).transient_mib
+    seen = transient[64] - transient[0]
+    assert 64 * 0.9 <= seen <= 64 * 1.1, f"64 MiB extra allocation measured as {seen:.1f} MiB"
+
+
+def test_size_is_the_bytes_of_the_saved_artifact(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    (tmp_path / "a").mkdir()
+    size = measure.artifact_bytes(model, tmp_path / "a" / measure.ARTIFACT_NAME)
+    # Independently: the state dict saved by torch.save to a file of the same name (the
+    # archive records the file's stem, so the name is part of the bytes).
+    (tmp_path / "b").mkdir()
+    torch.save(model.state_dict(), str(tmp_path / "b" / measure.ARTIFACT_NAME))
+    assert size == os.path.getsize(tmp_path / "b" / measure.ARTIFACT_NAME)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert params < size < params + 4096, "the artifact is the weights plus a small archive header"
+    reloaded = torch.load(io.BytesIO((tmp_path / "a" / measure.ARTIFACT_NAME).read_bytes()))
+    assert set(reloaded) == set(model.state_dict())
+
+
+def test_accuracy_equals_an_independent_evaluation(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(203, 8, generator=g), torch.randint(0, 3, (203,), generator=g)
+    data.materialize(TensorDataset(x, y), tmp_path / "val", "val")
+    val = data.MappedSplit(tmp_path / "val")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    got = measure.evaluate(model, val, accuracy, batch=64, device=CPU,
+                           autocast=torch.autocast("cpu", enabled=False))
+    with torch.no_grad():
+        correct = sum(int(model(x[i:i + 1]).argmax(-1).item() == y[i].item()) for i in range(203))
+    assert got == pytest.approx(correct / 203, abs=1e-12), "padded batches must not change accuracy"
+
+
+def test_fixed_batches_cover_every_sample_once_with_a_static_shape():
+    batches = measure.fixed_batches(10, 4)
+    assert [len(idx) for idx, _ in batches] == [4, 4, 4]
+    real = np.concatenate([idx[:n] for idx, n in batches])
+    assert sorted(real) == list(range(10))
+    assert measure.fixed_batches(3, 8)[0][1] == 3
+
+
+def test_sampler_visits_every_sample_once_per_epoch():
+    s = Sampler(10, seed=0)
+    first = np.concatenate([s.take(3) for _ in range(3)])
+    assert len(set(first)) == 9, "no repeats inside an epoch"
+
+
+def test_nan_loss_is_reported_as_divergence(tmp_path):
+    class Exploding(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    t = trainer(Exploding(8, 3), split(tmp_path))
+    with pytest.raises(TrainingDiverged, match="loss became nan"):
+        fine_tune(t, steps=3, warmup_steps=1, meter=MemoryMeter(CPU))
+
+
+def test_profile_lists_the_top_operators():
+    model = nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    rows = profile.top_operators(lambda: model(x), repeats=2, device=CPU, top=5)
+    assert 0 < len(rows) <= 5
+    assert any("addmm" in r["name"] or "linear" in r["name"] for r in rows)
+    assert rows == sorted(rows, key=lambda r: r["self_ms"], reverse=True)
+    assert all(r["self_ms"] > 0 and r["calls"] >= 1 for r in rows)

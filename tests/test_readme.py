@@ -1,0 +1,41 @@
+"""The README's user example runs as written, and its error example says what it shows."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EAGER_ARGS, FAST_ARGS, cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def example() -> str:
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "def build():" in b)
+
+
+@pytest.fixture
+def mymodel(workdir, monkeypatch):
+    (workdir / "mymodel.py").write_text(example())
+    monkeypatch.syspath_prepend(str(workdir))
+    yield workdir
+    sys.modules.pop("mymodel", None)
+
+
+def test_readme_example_runs_a_study(mymodel):
+    result = cli("run", "--model", "mymodel:build", "--trials", "1", *FAST_ARGS, *EAGER_ARGS,
+                 "--baseline-steps", "60")
+    assert result.code == 0, result.err
+    assert "Study 'mymodel'" in result.out
+
+
+def test_readme_error_example_is_what_a_user_sees(mymodel):
+    shown = re.search(r"\$ advisor run --model mymodel:missing\n(.*)\n", README.read_text()).group(1)
+    result = cli("run", "--model", "mymodel:missing")
+    assert result.code == 2
+    assert result.err.strip() == shown

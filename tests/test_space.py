@@ -1,0 +1,88 @@
+"""The search space is hardware- and model-aware and says what it left out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from torch import nn
+
+from advisor import hardware, space
+from advisor.errors import AdvisorError
+from advisor.space import Knobs
+from workloads import MLP
+
+CPU_NO_BF16 = hardware.Hardware(device="cpu", name="old cpu", cores=2, bf16=False, fp16_fast=False,
+                                compiler=True, compiler_note="", capability=None, torch_version="x")
+
+
+def test_cpu_without_fast_half_precision_offers_fp32_only():
+    s = space.build(CPU_NO_BF16, MLP(), batch_size=16)
+    assert s.precision == ("fp32",)
+    reasons = {(e.knob, e.value): e.reason for e in s.excluded}
+    assert "no fast bf16 kernels" in reasons[("precision", "bf16")]
+    assert "no fast fp16 kernels" in reasons[("precision", "fp16")]
+    assert s.compile == ("none", "default", "max-autotune-no-cudagraphs")
+    assert ("compile", "reduce-overhead") in reasons
+
+
+def test_cuda_offers_cuda_graph_modes_and_both_half_precisions():
+    gpu = dataclasses.replace(CPU_NO_BF16, device="cuda", bf16=True, fp16_fast=True, capability=(9, 0))
+    s = space.build(gpu, MLP(), batch_size=64)
+    assert s.precision == ("fp32", "bf16", "fp16")
+    assert s.compile == ("none", "default", "reduce-overhead", "max-autotune")
+    assert s.accumulation == (1, 2, 4, 8)
+
+
+def test_no_compiler_means_no_compile_modes():
+    bare = dataclasses.replace(CPU_NO_BF16, compiler=False, compiler_note="needs a C++ compiler")
+    s = space.build(bare, MLP(), batch_size=16)
+    assert s.compile == ("none",)
+    assert all("C++ compiler" in e.reason for e in s.excluded if e.knob == "compile")
+
+
+def test_model_without_blocks_gets_no_checkpointing():
+    s = space.build(CPU_NO_BF16, nn.Linear(4, 2), batch_size=16)
+    assert s.checkpoint_every == (0,)
+    assert s.blocks == "none"
+
+
+def test_this_machine_detects_consistently():
+    hw = hardware.detect("cpu")
+    assert hw.device == "cpu" and hw.cores >= 1
+    assert space.build(hw, MLP(), 16).to_dict() == space.build(hw, MLP(), 16).to_dict()
+
+
+def test_suggest_gives_knobs_inside_the_space():
+    s = space.build(CPU_NO_BF16, MLP(), batch_size=16, lr=1e-3)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        knobs = s.suggest(study.ask())
+        assert knobs.precision in s.precision and knobs.compile in s.compile
+        assert knobs.accumulation in s.accumulation
+        assert knobs.checkpoint_every in s.checkpoint_every
+        assert 1e-4 <= knobs.lr <= 3e-3
+
+
+def test_knobs_round_trip_and_refuse_unknown_ones():
+    k = Knobs(precision="bf16", accumulation=4, checkpoint_every=2, compile="default", lr=3e-4)
+    assert Knobs.from_dict(k.to_dict()) == k
+    with pytest.raises(ValueError, match=r"unknown knobs \['pruning'\]; the known ones are"):
+        Knobs.from_dict({**k.to_dict(), "pruning": 0.5})
+    with pytest.raises(ValueError, match="lr must be a positive float"):
+        Knobs(lr=-1.0)
+
+
+def test_knobs_to_try_are_checked_against_the_space():
+    s = space.build(CPU_NO_BF16, MLP(), batch_size=16)
+    assert s.check_values({"compile": "default", "accumulation": 2}) == {"compile": "default",
+                                                                         "accumulation": 2}
+    with pytest.raises(AdvisorError, match=r"precision must be one of \['fp32'\] here; got 'bf16' "
+                                           r"\(cpu has no fast bf16 kernels\)"):
+        s.check_values({"precision": "bf16"})
+    with pytest.raises(AdvisorError, match="unknown knob 'prune'"):
+        s.check_values({"prune": 0.5})
+    with pytest.raises(AdvisorError, match=r"lr must be between 0\.0001 and 0\.003"):
+        s.check_values({"lr": 1.0})

@@ -1,0 +1,142 @@
+"""Whole studies: trials in their own processes, storage, resume, failures as data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import advisor
+from advisor import objectives, storage
+from conftest import EAGER, EAGER_ARGS, FAST, FAST_ARGS, cli
+
+# RandomSampler(seed=16) draws compile=none for the first two trials of the default space,
+# which keeps this test free of compilation (only its speed depends on that).
+EAGER_SEED = "16"
+KNOBS = {"precision": "fp32", "checkpoint_every": 0, "compile": "none", "lr": 1e-3}
+
+
+def load(name: str, url: str = storage.DEFAULT_URL) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def test_default_study_end_to_end(workdir):
+    result = cli("run", "--trials", "2", "--sampler", "random", "--seed", EAGER_SEED, *FAST_ARGS,
+                 "--baseline-steps", "120")
+    assert result.code == 0, result.err
+    assert (workdir / "studies" / "advisor.db").exists()
+    # The table: the baseline, the front with ratios, and what to run next.
+    assert "Pareto front:" in result.out and "baseline" in result.out
+    assert "x)" in result.out, "objectives are shown as ratios to the baseline"
+    assert "advisor show --study digits-cnn" in result.out
+    assert "precision=fp16: cpu has no fast fp16 kernels" in result.out
+    # Progress: one line per trial with its result.
+    assert result.err.count("acc ") == 3, result.err  # baseline + 2 trials
+    # A plain Optuna study, readable without advisor.
+    study = load("digits-cnn")
+    trials = study.get_trials(states=[TrialState.COMPLETE])
+    assert len(trials) == 2
+    assert study.metric_names == list(objectives.NAMES)
+    assert [d.name.lower() for d in study.directions] == objectives.DIRECTIONS
+    baseline = study.user_attrs["baseline"]
+    assert baseline["metrics"]["accuracy"] > 0.8, "the baseline was trained"
+    for t in trials:
+        r = t.user_attrs["result"]
+        assert t.values == objectives.values(r["metrics"])
+        assert r["latency"]["p10_ms"] <= r["latency"]["median_ms"] <= r["latency"]["p90_ms"]
+        assert r["train"]["throughput"] > 0 and r["latency_batch1"]["median_ms"] > 0
+        assert r["train"]["optimizer_steps"] == FAST["trial_steps"]
+        assert r["train"]["micro_batches"] == FAST["trial_steps"] * t.params["accumulation"]
+        assert r["profile"]["train"] and r["profile"]["inference"]
+        assert r["size_bytes"] == pytest.approx(r["metrics"]["size_mib"] * 2**20)
+    space = study.user_attrs["space"]
+    assert "fp16" not in space["precision"] and space["blocks"] == "blocks: 3 blocks"
+
+
+def test_resume_adds_trials_and_reuses_the_baseline(workdir):
+    first = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS, *EAGER_ARGS)
+    assert first.code == 0, first.err
+    assert "training and measuring the baseline" in first.err
+    baseline = load("tensor-mlp").user_attrs["baseline"]
+
+    # Resume without restating the settings: they come from the study.
+    second = cli("run", "--model", "workloads:tensor_mlp", "--trials", "2", *EAGER_ARGS)
+    assert second.code == 0, second.err
+    assert "baseline" not in second.err, "the baseline is measured once per study"
+
+    # Another machine: no local cache, the weights come from the study's database.
+    shutil.rmtree(workdir / "studies" / "cache")
+    third = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *EAGER_ARGS)
+    assert third.code == 0, third.err
+    assert "baseline" not in third.err, "the baseline is neither trained nor measured again"
+
+    study = load("tensor-mlp")
+    assert len(study.get_trials(states=[TrialState.COMPLETE])) == 4
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    rdb = storage.open_storage(storage.DEFAULT_URL)
+    assert storage.get_blob(rdb, "tensor-mlp", "baseline.pt") is not None
+    assert study.user_attrs["baseline"]["metrics"]["size_mib"] == baseline["metrics"]["size_mib"]
+
+
+def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir):
+    options = {"storage": storage.DEFAULT_URL, **FAST}
+    advisor.run("workloads:faulty", trials=1, progress=False, **EAGER, **options)
+    study = load("faulty")
+    # FaultyMLP raises at micro-batch 8, aborts at 4, hangs at 2 (batch 16 / accumulation).
+    for accumulation in (2, 4, 8, 1):
+        study.enqueue_trial({**KNOBS, "accumulation": accumulation})
+    result = advisor.run("workloads:faulty", trials=4, progress=False, trial_timeout=10, **options)
+    assert result.completed >= 1 and result.failed >= 3
+
+    trials = {t.params["accumulation"]: t for t in load("faulty").trials[1:]}
+    reasons = {acc: t.user_attrs.get("failure", {}).get("reason", "") for acc, t in trials.items()}
+    assert trials[1].state == TrialState.COMPLETE
+    assert trials[2].state == TrialState.FAIL
+    assert reasons[2].startswith("RuntimeError: injected fault at micro-batch 8 (workloads.py:")
+    assert trials[4].state == TrialState.FAIL
+    assert reasons[4] == "trial process aborted (SIGABRT) during train"
+    assert trials[8].state == TrialState.FAIL
+    assert reasons[8].startswith("timed out after 10 s (during train)")
+    assert "raise RuntimeError(\"injected fault" in trials[2].user_attrs["failure"]["log_tail"]
+    shown = advisor.show("faulty")
+    assert "injected fault" in shown and "aborted (SIGABRT)" in shown
+
+
+def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
+    options = {"storage": storage.DEFAULT_URL, **FAST}
+    advisor.run("workloads:faulty", trials=1, progress=False, **EAGER, **options)
+    study = load("faulty")
+    study.enqueue_trial({**KNOBS, "accumulation": 8})  # hangs until interrupted
+    timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        result = advisor.run("workloads:faulty", trials=3, progress=False, **options)
+    finally:
+        timer.cancel()
+    assert result.interrupted and result.completed == 0
+    last = load("faulty").trials[-1]
+    assert last.state == TrialState.FAIL
+    assert last.user_attrs["failure"]["reason"] == "interrupted"
+    assert len(load("faulty").trials) == 2, "nothing was lost and nothing added after Ctrl-C"
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("workloads:bare_mlp", ["--data", "workloads:data"]),
+    ("workloads:dict_mlp", []),
+    ("workloads:tuple_mlp", []),
+    ("workloads:lambda_loss", []),  # unpicklable: trial processes call build() again
+])
+def test_other_workload_forms_run_as_studies(model, extra, workdir):
+    result = cli("run", "--model", model, *extra, "--trials", "1", "--study", "s", *FAST_ARGS,
+                 *EAGER_ARGS)
+    assert result.code == 0, result.err
+    trial = load("s").trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("failure")
+    assert trial.values[0] > 0.5, "the trial measured a trained model's accuracy"
+    pickled = (workdir / "studies" / "cache" / "s" / "workload.pt").exists()
+    assert pickled == (model != "workloads:lambda_loss")
