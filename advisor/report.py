@@ -46,7 +46,10 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
     if spread is not None:
         text += f" ±{spread * 50:.0f}%"  # half the p10-p90 range, as a percentage of the median
     r = ratio(value, base) if base is not None else None
-    return f"{text} ({r:.2f}x)" if r is not None else text
+    if r is None:
+        return text
+    # Accuracy moves by fractions of a percent: two decimals would print 0.997 as 1.00x.
+    return f"{text} ({r:.3f}x)" if name == "accuracy" else f"{text} ({r:.2f}x)"
 
 
 def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None) -> list[str]:
