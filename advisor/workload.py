@@ -65,6 +65,12 @@ def resolve(ref: str, option: str = "--model") -> Callable[..., Any]:
         raise AdvisorError(
             f"{option} must be MODULE:FUNCTION (for example mymodel:build); got {ref!r}"
         )
+    if "/" in module_name or module_name.endswith(".py"):
+        name = os.path.splitext(os.path.basename(module_name))[0]
+        raise AdvisorError(
+            f"{option} takes a module name, not a file path: use {name}:{attr} and run advisor "
+            f"from the file's directory (or add it to PYTHONPATH); got {ref!r}"
+        )
     if os.getcwd() not in sys.path:
         # Like `python -m`, a user's module in the working directory is importable.
         sys.path.insert(0, os.getcwd())

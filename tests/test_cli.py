@@ -40,6 +40,8 @@ BAD_RUNS = [
     (["--sampler", "cmaes"], "--sampler must be one of tpe, nsga2, gp, random; got 'cmaes'"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda; got 'tpu'"),
     (["--trial-steps", "2"], "--trial-steps must exceed the 2 warm-up steps"),
+    (["--latency-batch", "0"], "--latency-batch must be > 0; got 0"),
+    (["--model", "./mymodel.py:build"], "takes a module name, not a file path: use mymodel:build"),
     (["--model", "workloads:tensor_mlp", "--trial-steps", "9"],
      "study 'tensor-mlp' was measured with --trial-steps 4; this run asks for 9"),
 ]

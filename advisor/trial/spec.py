@@ -29,20 +29,20 @@ class Settings:
             value = getattr(self, f.name)
             kind = int if f.type in ("int", int) else float
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AdvisorError(f"setting {f.name} must be a number; got {value!r}")
+                raise AdvisorError(f"{_flag(f.name)} must be a number; got {value!r}")
             if kind is int and not isinstance(value, int):
-                raise AdvisorError(f"setting {f.name} must be an integer; got {value!r}")
+                raise AdvisorError(f"{_flag(f.name)} must be an integer; got {value!r}")
         if self.trial_steps <= self.warmup_steps:
             raise AdvisorError(
                 f"--trial-steps must exceed the {self.warmup_steps} warm-up steps that "
-                f"throughput and memory leave out; got {self.trial_steps}"
+                f"throughput leaves out; got {self.trial_steps}"
             )
         for name in ("baseline_steps", "profile_steps", "seed"):
             if getattr(self, name) < 0:
-                raise AdvisorError(f"setting {name} must be >= 0; got {getattr(self, name)}")
+                raise AdvisorError(f"{_flag(name)} must be >= 0; got {getattr(self, name)}")
         for name in ("lr", "latency_seconds", "latency_batch"):
             if not getattr(self, name) > 0:
-                raise AdvisorError(f"setting {name} must be > 0; got {getattr(self, name)}")
+                raise AdvisorError(f"{_flag(name)} must be > 0; got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +51,11 @@ class Settings:
     def from_dict(cls, values: dict) -> Settings:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a setting (the Python API's keyword is ``name`` itself)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
