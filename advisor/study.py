@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 import warnings
@@ -30,7 +29,7 @@ from advisor import __version__, data, hardware, objectives, space, storage
 from advisor.errors import AdvisorError
 from advisor.report import Progress, short_result
 from advisor.trial.runner import Outcome, TrialRunner
-from advisor.trial.spec import Settings, TrialSpec
+from advisor.trial.spec import Settings, TrialSpec, flag
 from advisor.trial.worker import BASELINE_FILE, WORKLOAD_FILE
 from advisor.workload import (
     DEFAULT_MODEL,
@@ -184,21 +183,28 @@ def _resolve_settings(options: RunOptions, stored: dict | None, workload: Worklo
         different = {k: v for k, v in explicit.items() if stored.get(k) != v}
         if different:
             name, value = next(iter(different.items()))
-            flag = "--" + name.replace("_", "-")
+            option = flag(name)
             raise AdvisorError(
-                f"study {study_name!r} was measured with {flag} {stored.get(name)}; this run asks "
-                f"for {value}. Drop {flag} to resume it, or start a new study with --study NAME")
+                f"study {study_name!r} was measured with {option} {stored.get(name)}; this run asks "
+                f"for {value}. Drop {option} to resume it, or start a new study with --study NAME")
         return Settings.from_dict(stored)
     return Settings(**{"latency_batch": workload.batch_size, **explicit})
 
 
-def _workload_info(workload: Workload, ref: WorkloadRef, fingerprints: dict) -> dict:
+def prepare_cache(workload: Workload, ref: WorkloadRef, cache: Path) -> dict:
+    """Materialize the data, check a batch end to end, pickle the workload for trials;
+    returns what the study records about the workload."""
+    fingerprints = {split: data.materialize(getattr(workload, split), cache / "data" / split, split)
+                    for split in ("train", "val")}
+    splits = {s: data.MappedSplit(cache / "data" / s) for s in ("train", "val")}
+    check_consumable(workload, splits)
+    save_workload(workload, cache)
     return {
         "name": workload.name, "model": ref.model, "data": ref.data,
         "batch_size": workload.batch_size, "trained": workload.trained,
         "metric": workload.metric if isinstance(workload.metric, str) else "custom",
         "parameters": sum(p.numel() for p in workload.model.parameters()),
-        "train_samples": None, "fingerprints": fingerprints,
+        "train_samples": len(splits["train"]), "fingerprints": fingerprints,
     }
 
 
@@ -238,54 +244,17 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     """Run (or resume) a study; see the module docstring for the steps."""
     _check_options(options)
     clock = time.perf_counter()
-    setup: dict[str, float] = {}
     hw = hardware.detect(options.device)
     ref = WorkloadRef(model=options.model or DEFAULT_MODEL, data=options.data, cwd=os.getcwd())
     workload = build(ref)
     study_name = options.study or workload.name
     cache_root = Path(options.cache_dir).resolve()
     cache = cache_root / _safe(study_name)
-    fingerprints = {split: data.materialize(getattr(workload, split), cache / "data" / split, split)
-                    for split in ("train", "val")}
-    splits = {s: data.MappedSplit(cache / "data" / s) for s in ("train", "val")}
-    check_consumable(workload, splits)
-    save_workload(workload, cache)
-    info = _workload_info(workload, ref, fingerprints)
-    info["train_samples"] = len(splits["train"])
-    setup["workload_and_data_s"] = time.perf_counter() - clock
+    info = prepare_cache(workload, ref, cache)
+    setup = {"workload_and_data_s": time.perf_counter() - clock}
 
     rdb = storage.open_storage(options.storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = objectives.DIRECTIONS
-    sampler = make_sampler(options.sampler, options.seed)
-    existing = study_name in storage.study_names(rdb)
-    study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler) if existing else None
-    attrs = study.user_attrs if study else {}
-    if study and [d.name.lower() for d in study.directions] != directions:
-        raise AdvisorError(f"study {study_name!r} has other objectives than advisor's; "
-                           f"choose another name with --study NAME")
-    settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
-    search = space.build(hw, workload.model, workload.batch_size, settings.lr)
-    queued = [search.check_values(values) for values in options.enqueue]
-    if study:
-        _check_resume(study_name, attrs, info, hw, search.to_dict())
-    else:
-        # Created only now, after every check passed: a refused run leaves no empty study.
-        study = optuna.create_study(storage=rdb, study_name=study_name, directions=directions,
-                                    sampler=sampler, load_if_exists=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(objectives.NAMES))
-        study.set_user_attr("advisor", {"version": __version__, "format": FORMAT})
-        study.set_user_attr("workload", info)
-        study.set_user_attr("settings", settings.to_dict())
-        study.set_user_attr("hardware", hw.to_dict())
-        study.set_user_attr("space", search.to_dict())
-        study.set_user_attr("objectives", [{"name": o.name, "direction": o.direction,
-                                            "unit": o.unit} for o in objectives.OBJECTIVES])
-
-    for values in queued:
-        study.enqueue_trial(values)
+    study, settings, search = _open_study(rdb, study_name, options, workload, hw, info)
     progress = progress or Progress(options.trials)
     runner = TrialRunner(preload=_modules_of(workload, ref))
     env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
@@ -305,43 +274,85 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
     try:
-        for i in range(1, options.trials + 1):
-            t0 = time.perf_counter()
-            trial = study.ask()
-            knobs = search.suggest(trial)
-            t1 = time.perf_counter()
-            progress.start(i, f"#{trial.number} {knobs.describe()}")
-            try:
-                outcome = runner.run(spec("trial", trial.number, knobs), options.trial_timeout,
-                                     on_tick=progress.tick)
-            except KeyboardInterrupt:
-                outcome = Outcome(ok=False, reason="interrupted", phase="")
-                _store_outcome(trial, outcome)
-                study.tell(trial, state=TrialState.FAIL)
-                progress.finish("interrupted")
-                result.interrupted = True
-                break
-            t2 = time.perf_counter()
-            _store_outcome(trial, outcome)
-            if outcome.ok:
-                study.tell(trial, objectives.values(outcome.result["metrics"]))
-                result.completed += 1
-            else:
-                study.tell(trial, state=TrialState.FAIL)
-                result.failed += 1
-            t3 = time.perf_counter()
-            result.timings.append({
-                "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok,
-                "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
-                "phases": (outcome.result or {}).get("phases", {}),
-            })
-            if outcome.ok:
-                progress.finish(short_result(outcome.result), len(study.best_trials))
-            else:
-                progress.finish(f"FAILED: {outcome.reason}")
+        _run_trials(study, search, runner, spec, options, progress, result)
     finally:
         result.front = [t.number for t in study.best_trials]
     return result
+
+
+def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
+                hw: hardware.Hardware, info: dict) -> tuple[optuna.Study, Settings, space.Space]:
+    """Resume the study after checking it is the same experiment, or create it; only once
+    every check passed, so a refused run leaves no empty study behind."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = objectives.DIRECTIONS
+    sampler = make_sampler(options.sampler, options.seed)
+    study = None
+    if study_name in storage.study_names(rdb):
+        study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise AdvisorError(f"study {study_name!r} has other objectives than advisor's; "
+                               f"choose another name with --study NAME")
+    attrs = study.user_attrs if study else {}
+    settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
+    search = space.build(hw, workload.model, workload.batch_size, settings.lr)
+    queued = [search.check_values(values) for values in options.enqueue]
+    if study:
+        _check_resume(study_name, attrs, info, hw, search.to_dict())
+    else:
+        study = optuna.create_study(storage=rdb, study_name=study_name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives.NAMES))
+        study.set_user_attr("advisor", {"version": __version__, "format": FORMAT})
+        study.set_user_attr("workload", info)
+        study.set_user_attr("settings", settings.to_dict())
+        study.set_user_attr("hardware", hw.to_dict())
+        study.set_user_attr("space", search.to_dict())
+        study.set_user_attr("objectives", [{"name": o.name, "direction": o.direction,
+                                            "unit": o.unit} for o in objectives.OBJECTIVES])
+    for values in queued:
+        study.enqueue_trial(values)
+    return study, settings, search
+
+
+def _run_trials(study: optuna.Study, search: space.Space, runner: TrialRunner, spec,
+                options: RunOptions, progress: Progress, result: RunResult) -> None:
+    """Ask, run in a trial process, tell: ``options.trials`` times, or until Ctrl-C."""
+    for i in range(1, options.trials + 1):
+        t0 = time.perf_counter()
+        trial = study.ask()
+        knobs = search.suggest(trial)
+        t1 = time.perf_counter()
+        progress.start(i, f"#{trial.number} {knobs.describe()}")
+        try:
+            outcome = runner.run(spec("trial", trial.number, knobs), options.trial_timeout,
+                                 on_tick=progress.tick)
+        except KeyboardInterrupt:
+            _store_outcome(trial, Outcome(ok=False, reason="interrupted"))
+            study.tell(trial, state=TrialState.FAIL)
+            progress.finish("interrupted")
+            result.interrupted = True
+            return
+        t2 = time.perf_counter()
+        _store_outcome(trial, outcome)
+        if outcome.ok:
+            study.tell(trial, objectives.values(outcome.result["metrics"]))
+            result.completed += 1
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+            result.failed += 1
+        t3 = time.perf_counter()
+        result.timings.append({
+            "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok,
+            "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
+            "phases": (outcome.result or {}).get("phases", {}),
+        })
+        if outcome.ok:
+            progress.finish(short_result(outcome.result), len(study.best_trials))
+        else:
+            progress.finish(f"FAILED: {outcome.reason}")
 
 
 def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,
@@ -411,6 +422,3 @@ def load_study(study_name: str | None, storage_url: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=study_name, storage=rdb)
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, ' \
   f'{torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}')" || exit 1
 start=$(date +%s)
-python3 -m pytest -q -o addopts="-p no:cacheprovider" -m gpu tests/test_gpu.py 2>&1 \
+python3 -m pytest -q -o addopts="-p no:cacheprovider" -m gpu tests 2>&1 \
   | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests after $(( $(date +%s) - start )) s"

@@ -1,36 +1,29 @@
-"""CUDA code paths: autocast and GradScaler, allocator peaks, synchronized timing, CUDA graphs.
+"""CUDA code paths: autocast and GradScaler, synchronized timing, CUDA graphs, a study.
 
 Marked ``gpu``: skipped where torch sees no CUDA device (conftest), run by
-``scripts/gpu-check.sh`` on a GPU machine.
+``scripts/gpu-check.sh`` on a GPU machine (it runs every ``gpu``-marked test, such as the
+CUDA case of the known-allocation test in test_measure.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
 import advisor
-from advisor import data, hardware, space, storage
+from advisor import hardware, space, storage
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
 from advisor.trial import measure
-from advisor.trial.measure import MIB, MemoryMeter
+from advisor.trial.measure import MemoryMeter
 from advisor.trial.train import Trainer, fine_tune, training_memory
 from advisor.workload import default_loss
 from conftest import EAGER, FAST
+from test_techniques import Recorder, split
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
-
-
-def split(tmp_path, n=256, features=8):
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, 3, (n,), generator=g))
-    data.materialize(ds, tmp_path / "train", "train")
-    return data.MappedSplit(tmp_path / "train")
 
 
 def cuda_trainer(model, train, *, dtype="fp32", mode="none", compiled=None, batch_size=64):
@@ -39,18 +32,6 @@ def cuda_trainer(model, train, *, dtype="fp32", mode="none", compiled=None, batc
                    precision_cfg=PrecisionConfig(dtype), accumulation=AccumulationConfig(1),
                    compile_cfg=CompileConfig(mode), batch_size=batch_size, lr=1e-2, steps=10,
                    device=CUDA, seed=0)
-
-
-class Recorder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 3)
-        self.dtypes = []
-
-    def forward(self, x):
-        h = self.fc1(x)
-        self.dtypes.append(h.dtype)
-        return self.fc2(torch.relu(h))
 
 
 @pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -70,30 +51,6 @@ def test_cuda_space_offers_gpu_modes():
     s = space.build(hw, Recorder(), 64)
     assert "fp16" in s.precision and "reduce-overhead" in s.compile
     assert hw.capability is not None and hw.capability >= (7, 0)
-
-
-class Allocating(nn.Module):
-    def __init__(self, extra_mib):
-        super().__init__()
-        self.fc = nn.Linear(8, 3)
-        self.extra = extra_mib * MIB // 4
-
-    def forward(self, x):
-        out = self.fc(x)
-        if self.training and self.extra:
-            out = out + torch.ones(self.extra, device=x.device)[:1] * 0
-        return out
-
-
-def test_cuda_allocator_peak_sees_a_known_allocation(tmp_path):
-    train = split(tmp_path)
-    transient = {}
-    for extra in (0, 64):
-        t = cuda_trainer(Allocating(extra), train)
-        fine_tune(t, steps=3, warmup_steps=2, meter=MemoryMeter(CUDA))
-        transient[extra] = training_memory(t, MemoryMeter(CUDA)).transient_mib
-    seen = transient[64] - transient[0]
-    assert 64 * 0.9 <= seen <= 64 * 1.1, f"64 MiB allocation measured as {seen:.1f} MiB"
 
 
 @torch.no_grad()

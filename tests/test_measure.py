@@ -66,18 +66,20 @@ class Allocating(nn.Module):
     def forward(self, x):
         out = self.fc(x)
         if self.training and self.extra:
-            buffer = torch.ones(self.extra)  # touched, so resident
+            buffer = torch.ones(self.extra, device=x.device)  # touched, so resident
             out = out + buffer[:1] * 0
         return out
 
 
-def test_memory_of_a_known_allocation_is_seen_within_10_percent(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_memory_of_a_known_allocation_is_seen_within_10_percent(device, tmp_path):
+    device = torch.device(device)
     train = split(tmp_path)
     transient = {}
     for extra in (0, 64):
-        t = trainer(Allocating(extra), train)
-        fine_tune(t, steps=3, warmup_steps=2, meter=MemoryMeter(CPU))
-        transient[extra] = training_memory(t, MemoryMeter(CPU)).transient_mib
+        t = trainer(Allocating(extra), train, device=device)
+        fine_tune(t, steps=3, warmup_steps=2, meter=MemoryMeter(device))
+        transient[extra] = training_memory(t, MemoryMeter(device)).transient_mib
     seen = transient[64] - transient[0]
     assert 64 * 0.9 <= seen <= 64 * 1.1, f"64 MiB extra allocation measured as {seen:.1f} MiB"
 

@@ -30,11 +30,13 @@ def split(tmp_path, n=64, features=8, classes=3):
     return data.MappedSplit(tmp_path / "train")
 
 
-def trainer(model, train, *, precision_dtype="fp32", steps=1, batch_size=16, compiled=None, lr=1e-3):
+def trainer(model, train, *, precision_dtype="fp32", steps=1, batch_size=16, compiled=None, lr=1e-3,
+            device=CPU):
+    model.to(device)
     return Trainer(model, model if compiled is None else compiled, train, default_loss,
                    precision_cfg=PrecisionConfig(precision_dtype),
                    accumulation=AccumulationConfig(steps), compile_cfg=CompileConfig(),
-                   batch_size=batch_size, lr=lr, steps=10, device=CPU, seed=0)
+                   batch_size=batch_size, lr=lr, steps=10, device=device, seed=0)
 
 
 class Recorder(nn.Module):

@@ -29,9 +29,9 @@ class Settings:
             value = getattr(self, f.name)
             kind = int if f.type in ("int", int) else float
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AdvisorError(f"{_flag(f.name)} must be a number; got {value!r}")
+                raise AdvisorError(f"{flag(f.name)} must be a number; got {value!r}")
             if kind is int and not isinstance(value, int):
-                raise AdvisorError(f"{_flag(f.name)} must be an integer; got {value!r}")
+                raise AdvisorError(f"{flag(f.name)} must be an integer; got {value!r}")
         if self.trial_steps <= self.warmup_steps:
             raise AdvisorError(
                 f"--trial-steps must exceed the {self.warmup_steps} warm-up steps that "
@@ -39,10 +39,10 @@ class Settings:
             )
         for name in ("baseline_steps", "profile_steps", "seed"):
             if getattr(self, name) < 0:
-                raise AdvisorError(f"{_flag(name)} must be >= 0; got {getattr(self, name)}")
+                raise AdvisorError(f"{flag(name)} must be >= 0; got {getattr(self, name)}")
         for name in ("lr", "latency_seconds", "latency_batch"):
             if not getattr(self, name) > 0:
-                raise AdvisorError(f"{_flag(name)} must be > 0; got {getattr(self, name)}")
+                raise AdvisorError(f"{flag(name)} must be > 0; got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +53,7 @@ class Settings:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     """The command-line flag of a setting (the Python API's keyword is ``name`` itself)."""
     return "--" + name.replace("_", "-")
 
