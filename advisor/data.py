@@ -200,14 +200,6 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     return tuple(v.to(device, non_blocking=True) for v in inputs)
 
 
-def batch_size_of(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, Mapping):
-        return next(iter(inputs.values())).shape[0]
-    return inputs[0].shape[0]
-
-
 def shapes_of(inputs: Any) -> str:
     """``Tensor[2, 1, 8, 8]`` / ``(Tensor[..], ..)`` / ``{'ids': Tensor[..]}`` for messages."""
     if isinstance(inputs, torch.Tensor):

@@ -32,10 +32,6 @@ class Hardware:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
-    def describe(self) -> str:
-        return f"{self.device} ({self.name}), torch {self.torch_version}"
-
 
 def cpu_name() -> str:
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -253,7 +252,3 @@ def evaluate(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: in
         outputs.append(out[:real].float().cpu())
         targets.append(target[:real])
     return metric_value(metric, torch.cat(outputs), torch.cat(targets))
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
