@@ -5,15 +5,14 @@ every trial's wall time, as the study process saw it, into measured work (fine-t
 latency, evaluation, size, memory, profile) and fixed cost (sampling, process start,
 loading the workload and data, collecting the result, storage writes).
 
-``one_at_a_time()`` measures the baseline and then every value the space offers for each
-knob, changed alone, the way a tutorial would try techniques one by one.
+``one_at_a_time()`` measures the baseline and then each technique alone at its common
+setting, the way a tutorial would try techniques one by one.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 import optuna
@@ -21,10 +20,12 @@ from optuna.trial import TrialState
 
 from advisor import hardware, space, storage
 from advisor import study as core
+from advisor.errors import AdvisorError
 from advisor.report import Progress, table
 from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
 
-MEASURED = ("baseline_train", "train", "latency", "evaluate", "size", "memory", "profile")
+MEASURED = ("baseline_train", "prune", "train", "quantize", "latency", "evaluate", "size", "memory",
+            "profile")
 GOAL_PCT = 15.0
 
 
@@ -98,46 +99,84 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
-                  progress: Progress | None = None, only: dict[str, list] | None = None,
-                  **settings) -> dict:
-    """Baseline, then each offered value of each knob changed alone; rows with ratios.
+COMMON = (
+    {"precision": "bf16"},
+    {"accumulation": 4},
+    {"checkpoint_every": 1},
+    {"compile": "max-autotune"},
+    {"prune_kind": "unstructured", "prune_ratio": 0.3},
+    {"prune_kind": "structured", "prune_ratio": 0.5},
+    {"quantization": "int8-dynamic"},
+    {"quantization": "int8-static"},
+    {"distill_alpha": 0.7, "distill_temperature": 4.0},
+    {"prune_kind": "structured", "prune_ratio": 0.5, "quantization": "int8-static",
+     "distill_alpha": 0.7, "distill_temperature": 4.0},
+)
 
-    ``only`` restricts the knobs and values tried (``{"precision": ["bf16"]}``);
-    ``settings`` are measurement settings (``trial_steps``, ``latency_seconds``, ...).
+
+def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
+                  progress: Progress | None = None, configs: list[dict] | None = None,
+                  **settings) -> dict:
+    """Baseline, then each technique at its common setting (``COMMON``), with ratios.
+
+    ``configs`` replaces ``COMMON`` (each a partial dict of knob values). A value this
+    hardware does not offer is reported with the space's reason (``max-autotune`` falls back
+    to its ``-no-cudagraphs`` variant on CPU). ``settings`` are measurement settings.
     """
     hw = hardware.detect(device)
     workload = build(WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd())))
-    search = space.build(hw, workload.model, workload.batch_size,
-                         settings.get("lr") or space.DEFAULT_LR)
-    base = space.Knobs(lr=settings.get("lr") or space.DEFAULT_LR).to_dict()
-    configs = []
-    for f in fields(space.Knobs):
-        if f.name == "lr":
-            continue
-        for value in getattr(search, f.name):
-            if value != base[f.name] and (only is None or value in only.get(f.name, [])):
-                configs.append({**base, f.name: value})
+    lr = settings.get("lr") or space.DEFAULT_LR
     with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
         root = Path(study_dir or tmp)
+        ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
+        cache = root / "cache" / "knobs"
+        core.prepare_cache(workload, ref, cache)
+        search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
+                             lr=lr, keep=workload.keep)
+        runnable, skipped = [], []
+        for config in (configs if configs is not None else COMMON):
+            config = dict(config)
+            if config.get("compile") == "max-autotune" and "max-autotune" not in search.compile:
+                config["compile"] = "max-autotune-no-cudagraphs"
+            try:
+                search.check_values(config)
+            except AdvisorError as exc:
+                skipped.append({"config": _label(config), "ok": False, "reason": f"not offered: {exc}"})
+                continue
+            runnable.append(config)
+        base = space.Knobs(lr=lr).to_dict()
         url = f"sqlite:///{root / 'knobs.db'}"
-        options = core.RunOptions(model=model, device=device, trials=len(configs), enqueue=configs,
+        full = [{**base, **c} for c in runnable]
+        options = core.RunOptions(model=model, device=device, trials=len(full), enqueue=full,
                                   storage=url, cache_dir=str(root / "cache"), study="knobs",
                                   sampler="random", seed=0, **settings)
-        core.run(options, progress or Progress(len(configs)))
+        core.run(options, progress or Progress(len(full)))
         study = optuna.load_study(study_name="knobs", storage=storage.open_storage(url))
         baseline = study.user_attrs["baseline"]
         rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True)]
-        for t in study.trials:
-            changed = [k for k in base if t.params.get(k) != base[k]]
-            label = ", ".join(f"{k}={t.params[k]}" for k in changed) or "baseline again"
+        for t, config in zip(study.trials, runnable, strict=True):
+            label = _label(config)
             if t.state == TrialState.COMPLETE:
                 rows.append(_knob_row(label, t.user_attrs["result"], baseline, ok=True))
             else:
                 rows.append({"config": label, "ok": False,
                              "reason": t.user_attrs.get("failure", {}).get("reason", str(t.state))})
     return {"hardware": hw.to_dict(), "workload": workload.name,
-            "settings": study.user_attrs["settings"], "rows": rows}
+            "settings": study.user_attrs["settings"], "rows": rows + skipped}
+
+
+def _label(config: dict) -> str:
+    """``prune=structured:0.5 + quantization=int8-static + kd=T4/a0.7``: the knobs changed."""
+    parts = []
+    for name, value in config.items():
+        if name == "prune_kind":
+            ratio = config.get("prune_ratio")
+            parts.append(f"prune={value}" + (f":{ratio:g}" if ratio else ""))
+        elif name == "distill_alpha":
+            parts.append(f"kd=T{config.get('distill_temperature', 4.0):g}/a{value:g}")
+        elif name not in ("prune_ratio", "distill_temperature"):
+            parts.append(f"{name}={value}")
+    return " + ".join(parts)
 
 
 def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:

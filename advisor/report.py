@@ -17,7 +17,8 @@ from advisor.objectives import OBJECTIVES, ratio
 from advisor.space import Knobs
 
 KNOB_COLUMNS = (("precision", "precision"), ("accumulation", "accum"),
-                ("checkpoint_every", "ckpt"), ("compile", "compile"), ("lr", "lr"))
+                ("checkpoint_every", "ckpt"), ("compile", "compile"), ("lr", "lr"),
+                ("prune_kind", "prune"), ("quantization", "quant"), ("distill_alpha", "kd"))
 
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
@@ -33,7 +34,15 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | None = No
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def knob_cell(name: str, value: object) -> str:
+def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
+    knobs = knobs or {}
+    if name == "prune_kind":
+        ratio = knobs.get("prune_ratio")
+        return f"{value} {ratio:g}" if value in ("structured", "unstructured") and ratio else str(value)
+    if name == "distill_alpha":
+        if not value:
+            return "off"
+        return f"T{knobs.get('distill_temperature', 4.0):g} a{float(value):g}"
     if name == "lr":
         return f"{float(value):.2g}"
     if name == "checkpoint_every":
@@ -54,7 +63,8 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
 
 def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None) -> list[str]:
     base = baseline["metrics"] if baseline else {}
-    cells = [label] + [knob_cell(k, knobs.get(k, "")) for k, _ in KNOB_COLUMNS]
+    full = Knobs.from_dict(knobs).to_dict()  # conditional knobs a trial did not sample
+    cells = [label] + [knob_cell(k, full[k], full) for k, _ in KNOB_COLUMNS]
     for o in OBJECTIVES:
         spread = result.get("latency", {}).get("spread") if o.name == "latency_ms" else None
         cells.append(objective_cell(o.name, result["metrics"][o.name], base.get(o.name), spread))
@@ -94,13 +104,14 @@ def study_report(study: optuna.Study) -> str:
     out.append(f"Pareto front: {len(front)} of {len(done)} completed trials "
                f"({len(failed)} failed); ratios are to the baseline, latency ± is half the "
                f"p10-p90 spread")
-    out.append(table(headers(), rows, right=set(range(6, 11))))
+    first = len(KNOB_COLUMNS) + 1
+    out.append(table(headers(), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
     if failed:
         out.append("")
         out.append("Failed trials:")
         for t in failed:
             failure = t.user_attrs.get("failure", {})
-            out.append(f"  #{t.number} {Knobs.from_dict(t.params).describe() if _full(t) else ''}"
+            out.append(f"  #{t.number} {Knobs.from_dict(t.params).describe()}"
                        f" -> {failure.get('reason', 'no reason recorded')}")
     excluded = attrs.get("space", {}).get("excluded", [])
     if excluded:
@@ -109,10 +120,6 @@ def study_report(study: optuna.Study) -> str:
         for e in excluded:
             out.append(f"  {e['knob']}={e['value']}: {e['reason']}")
     return "\n".join(out)
-
-
-def _full(t: FrozenTrial) -> bool:
-    return {k for k, _ in KNOB_COLUMNS} <= set(t.params)
 
 
 def short_result(result: dict) -> str:

@@ -46,7 +46,8 @@ from advisor.workload import (
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SETTING_OPTIONS = ("trial_steps", "baseline_steps", "lr", "latency_batch", "latency_seconds")
-FORMAT = 1
+FORMAT = 2  # 2: compression knobs in the space
+PROBE_BATCH = 8  # inputs the space tries pruning and PT2E capture with
 
 
 @dataclass
@@ -110,7 +111,8 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, seed=seed)
+            # group: conditional knobs (a ratio only with a pruning kind) are modelled jointly.
+            return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if name == "gp":
@@ -208,6 +210,12 @@ def prepare_cache(workload: Workload, ref: WorkloadRef, cache: Path) -> dict:
     }
 
 
+def probe_inputs(cache: Path):
+    """A few validation inputs, to try pruning and PT2E capture on copies of the model."""
+    val = data.MappedSplit(cache / "data" / "val")
+    return val.batch(np.arange(min(len(val), PROBE_BATCH)))[0]
+
+
 def _check_resume(study_name: str, attrs: dict, info: dict, hw: hardware.Hardware,
                   space_dict: dict) -> None:
     if attrs.get("advisor", {}).get("format") is None:
@@ -254,7 +262,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     setup = {"workload_and_data_s": time.perf_counter() - clock}
 
     rdb = storage.open_storage(options.storage)
-    study, settings, search = _open_study(rdb, study_name, options, workload, hw, info)
+    study, settings, search = _open_study(rdb, study_name, options, workload, hw, info,
+                                          probe_inputs(cache))
     progress = progress or Progress(options.trials)
     runner = TrialRunner(preload=_modules_of(workload, ref))
     env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
@@ -265,7 +274,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
         return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
                          device=hw.device, threads=threads, env=env,
-                         train_baseline=train_baseline)
+                         train_baseline=train_baseline, keep=workload.keep)
 
     clock = time.perf_counter()
     baseline = _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,
@@ -281,7 +290,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
 
 
 def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
-                hw: hardware.Hardware, info: dict) -> tuple[optuna.Study, Settings, space.Space]:
+                hw: hardware.Hardware, info: dict, example) -> tuple[optuna.Study, Settings, space.Space]:
     """Resume the study after checking it is the same experiment, or create it; only once
     every check passed, so a refused run leaves no empty study behind."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -295,7 +304,8 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
                                f"choose another name with --study NAME")
     attrs = study.user_attrs if study else {}
     settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
-    search = space.build(hw, workload.model, workload.batch_size, settings.lr)
+    search = space.build(hw, workload.model, workload.batch_size, example, lr=settings.lr,
+                         keep=workload.keep)
     queued = [search.check_values(values) for values in options.enqueue]
     if study:
         _check_resume(study_name, attrs, info, hw, search.to_dict())

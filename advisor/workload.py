@@ -37,6 +37,8 @@ class Workload:
     ``inputs`` is a Tensor (``model(x)``), a tuple of Tensors (``model(*x)``) or a dict of
     Tensors (``model(**x)``). ``batch_size`` is the effective training batch, kept fixed
     across accumulation choices. With ``trained=False`` the advisor first trains a baseline.
+    ``keep`` names layers (as in ``model.named_modules()``) that pruning must leave whole;
+    the layer producing the output is always kept.
     """
 
     model: nn.Module
@@ -47,6 +49,7 @@ class Workload:
     batch_size: int = 64
     trained: bool = False
     name: str | None = None
+    keep: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ def check_fields(workload: Workload) -> None:
         )
     if workload.name is not None and not (isinstance(workload.name, str) and workload.name):
         raise AdvisorError(f"Workload.name must be a non-empty string; got {workload.name!r}")
+    keep = workload.keep
+    if isinstance(keep, str) or not isinstance(keep, (tuple, list)) \
+            or not all(isinstance(k, str) for k in keep):
+        raise AdvisorError(f"Workload.keep must be a tuple of layer names (strings); got {keep!r}")
+    workload.keep = tuple(keep)
 
 
 def default_name(model_ref: str) -> str:

@@ -14,10 +14,22 @@ from advisor.cli import main
 # Study settings that keep a trial of a tiny model to about a second.
 FAST = {"trial_steps": 4, "baseline_steps": 10, "latency_seconds": 0.05}
 FAST_ARGS = ["--trial-steps", "4", "--baseline-steps", "10", "--latency-seconds", "0.05"]
-# RandomSampler(seed=17) draws compile=none for the first two trials of the test MLPs' space,
-# which keeps tests that are not about compilation free of it (only their speed depends on it).
-EAGER = {"sampler": "random", "seed": 17}
-EAGER_ARGS = ["--sampler", "random", "--seed", "17"]
+# Knobs of a quick trial: no compilation, no compression (the sampler still draws lr). Tests
+# that are not about the knobs enqueue it, so what they run does not depend on the sampler,
+# nor on what this machine's space offers.
+PLAIN = {"precision": "fp32", "accumulation": 1, "checkpoint_every": 0, "compile": "none",
+         "prune_kind": "none", "quantization": "none", "distill_alpha": 0.0}
+
+
+def plain(trials: int = 1) -> dict:
+    """``advisor.run`` keywords whose first ``trials`` trials are PLAIN."""
+    return {"sampler": "random", "seed": 0, "enqueue": [PLAIN] * trials}
+
+
+def plain_args(trials: int = 1) -> list[str]:
+    """The command-line form of :func:`plain`."""
+    knobs = ",".join(f"{k}={v}" for k, v in PLAIN.items())
+    return ["--sampler", "random", "--seed", "0"] + ["--try", knobs] * trials
 
 
 @dataclass

@@ -27,9 +27,12 @@ def test_knobs_benchmark_changes_one_knob_per_row(workdir, monkeypatch):
 
     report = bench.one_at_a_time("workloads:tensor_mlp", "cpu", trial_steps=4, baseline_steps=10,
                                  latency_seconds=0.05,
-                                 only={"precision": ["bf16"], "accumulation": [2]})
+                                 configs=[{"accumulation": 2}, {"quantization": "int8-dynamic"},
+                                          {"quantization": "float8"}])
     configs = [r["config"] for r in report["rows"]]
-    assert configs == ["baseline (fp32 eager)", "precision=bf16", "accumulation=2"]
-    assert all(r["ok"] for r in report["rows"])
+    assert configs == ["baseline (fp32 eager)", "accumulation=2", "quantization=int8-dynamic",
+                       "quantization=float8"]
+    assert [r["ok"] for r in report["rows"]] == [True, True, True, False]
+    assert "needs CUDA" in report["rows"][-1]["reason"]
     assert report["rows"][0]["throughput"]["ratio"] == 1.0
-    assert "precision=bf16" in bench.render_knobs(report)
+    assert "quantization=int8-dynamic" in bench.render_knobs(report)

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import EAGER_ARGS, FAST_ARGS, cli
+from conftest import FAST_ARGS, cli, plain_args
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def stored(tmp_path_factory):
     url = f"sqlite:///{root / 'advisor.db'}"
     cache = str(root / "cache")
     result = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", "--storage", url,
-                 "--cache-dir", cache, *FAST_ARGS, *EAGER_ARGS)
+                 "--cache-dir", cache, *FAST_ARGS, *plain_args())
     assert result.code == 0, result.err
     yield url, cache
     study = optuna.load_study(study_name="tensor-mlp", storage=url)
@@ -42,6 +42,13 @@ BAD_RUNS = [
     (["--trial-steps", "2"], "--trial-steps must exceed the 2 warm-up steps"),
     (["--latency-batch", "0"], "--latency-batch must be > 0; got 0"),
     (["--model", "./mymodel.py:build"], "takes a module name, not a file path: use mymodel:build"),
+    (["--try", "quantization"], "argument --try: expected KNOB=VALUE pairs separated by commas"),
+    (["--model", "workloads:tensor_mlp", "--try", "quantization=float8"],
+     r"quantization must be one of \['none', .*\] here; got 'float8' \(needs CUDA\)"),
+    (["--model", "workloads:tensor_mlp", "--try", "prune_kind=structured,prune_ratio=2"],
+     "prune_ratio must be between 0 and 0.8; got 2"),
+    (["--model", "workloads:tensor_mlp", "--try", "quantization=qat-int8,checkpoint_every=1"],
+     "qat-int8 fine-tunes a traced fp32 graph with fake quantization"),
     (["--model", "workloads:tensor_mlp", "--trial-steps", "9"],
      "study 'tensor-mlp' was measured with --trial-steps 4; this run asks for 9"),
 ]

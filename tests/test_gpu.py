@@ -7,11 +7,14 @@ CUDA case of the known-allocation test in test_measure.py).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import advisor
 from advisor import hardware, space, storage
+from advisor.errors import AdvisorError
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
@@ -19,7 +22,7 @@ from advisor.trial import measure
 from advisor.trial.measure import MemoryMeter
 from advisor.trial.train import Trainer, fine_tune, training_memory
 from advisor.workload import default_loss
-from conftest import EAGER, FAST
+from conftest import FAST, plain
 from test_techniques import Recorder, split
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +51,7 @@ def test_cuda_autocast_and_grad_scaler(dtype, expected, tmp_path):
 
 def test_cuda_space_offers_gpu_modes():
     hw = hardware.detect("cuda")
-    s = space.build(hw, Recorder(), 64)
+    s = space.build(hw, Recorder(), 64, torch.randn(4, 8, device=CUDA))
     assert "fp16" in s.precision and "reduce-overhead" in s.compile
     assert hw.capability is not None and hw.capability >= (7, 0)
 
@@ -104,7 +107,7 @@ def test_reduce_overhead_with_accumulation_keeps_gradients(tmp_path):
 
 def test_a_study_runs_on_cuda(workdir):
     result = advisor.run("workloads:tensor_mlp", trials=2, device="cuda", progress=False,
-                         storage=storage.DEFAULT_URL, **EAGER, **FAST)
+                         storage=storage.DEFAULT_URL, **plain(), **FAST)
     assert result.completed == 2, advisor.show("tensor-mlp")
     import optuna
 
@@ -113,3 +116,25 @@ def test_a_study_runs_on_cuda(workdir):
     for t in study.trials:
         r = t.user_attrs["result"]
         assert r["metrics"]["memory_mib"] > 0 and r["latency"]["median_ms"] > 0
+
+
+@pytest.mark.parametrize("knobs", [{"quantization": "fp16"}, {"quantization": "int8-dynamic"},
+                                   {"quantization": "int4-weight-only"}, {"quantization": "float8"},
+                                   {"prune_kind": "2:4"},
+                                   {"prune_kind": "structured", "prune_ratio": 0.5,
+                                    "distill_alpha": 0.5, "distill_temperature": 2.0}],
+                         ids=["fp16", "int8-dynamic", "int4", "float8", "2:4", "structured-kd"])
+def test_cuda_compression_runs_end_to_end_and_reports_its_artifact(knobs, tmp_path, monkeypatch):
+    from test_compression import prepared_trial, run_in_process
+    from workloads import WideMLP
+
+    hw = hardware.detect("cuda")
+    s = space.build(hw, WideMLP(), 32, torch.randn(4, WideMLP.FEATURES))
+    try:
+        s.check_values(knobs)
+    except AdvisorError as exc:
+        pytest.skip(f"not offered on this GPU: {exc}")
+    spec = prepared_trial(tmp_path, "workloads:wide_mlp", knobs, device="cuda")
+    result, artifact = run_in_process(spec, monkeypatch)
+    assert result["size_bytes"] == os.path.getsize(artifact)
+    assert result["metrics"]["latency_ms"] > 0 and 0 <= result["metrics"]["accuracy"] <= 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EAGER_ARGS, FAST_ARGS, cli
+from conftest import FAST_ARGS, cli, plain_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,7 +28,7 @@ def mymodel(workdir, monkeypatch):
 
 
 def test_readme_example_runs_a_study(mymodel):
-    result = cli("run", "--model", "mymodel:build", "--trials", "1", *FAST_ARGS, *EAGER_ARGS,
+    result = cli("run", "--model", "mymodel:build", "--trials", "1", *FAST_ARGS, *plain_args(),
                  "--baseline-steps", "60")
     assert result.code == 0, result.err
     assert "Study 'mymodel'" in result.out

@@ -6,6 +6,7 @@ import dataclasses
 
 import optuna
 import pytest
+import torch
 from torch import nn
 
 from advisor import hardware, space
@@ -13,12 +14,18 @@ from advisor.errors import AdvisorError
 from advisor.space import Knobs
 from workloads import MLP
 
+
+def build(hw, model, batch_size, **kw):
+    return space.build(hw, model, batch_size, torch.randn(4, model.in_features
+                                                         if isinstance(model, nn.Linear) else 8), **kw)
+
+
 CPU_NO_BF16 = hardware.Hardware(device="cpu", name="old cpu", cores=2, bf16=False, fp16_fast=False,
                                 compiler=True, compiler_note="", capability=None, torch_version="x")
 
 
 def test_cpu_without_fast_half_precision_offers_fp32_only():
-    s = space.build(CPU_NO_BF16, MLP(), batch_size=16)
+    s = build(CPU_NO_BF16, MLP(), 16)
     assert s.precision == ("fp32",)
     reasons = {(e.knob, e.value): e.reason for e in s.excluded}
     assert "no fast bf16 kernels" in reasons[("precision", "bf16")]
@@ -29,7 +36,7 @@ def test_cpu_without_fast_half_precision_offers_fp32_only():
 
 def test_cuda_offers_cuda_graph_modes_and_both_half_precisions():
     gpu = dataclasses.replace(CPU_NO_BF16, device="cuda", bf16=True, fp16_fast=True, capability=(9, 0))
-    s = space.build(gpu, MLP(), batch_size=64)
+    s = build(gpu, MLP(), 64)
     assert s.precision == ("fp32", "bf16", "fp16")
     assert s.compile == ("none", "default", "reduce-overhead", "max-autotune")
     assert s.accumulation == (1, 2, 4, 8)
@@ -37,13 +44,13 @@ def test_cuda_offers_cuda_graph_modes_and_both_half_precisions():
 
 def test_no_compiler_means_no_compile_modes():
     bare = dataclasses.replace(CPU_NO_BF16, compiler=False, compiler_note="needs a C++ compiler")
-    s = space.build(bare, MLP(), batch_size=16)
+    s = build(bare, MLP(), 16)
     assert s.compile == ("none",)
     assert all("C++ compiler" in e.reason for e in s.excluded if e.knob == "compile")
 
 
 def test_model_without_blocks_gets_no_checkpointing():
-    s = space.build(CPU_NO_BF16, nn.Linear(4, 2), batch_size=16)
+    s = build(CPU_NO_BF16, nn.Linear(4, 2), 16)
     assert s.checkpoint_every == (0,)
     assert s.blocks == "none"
 
@@ -51,11 +58,11 @@ def test_model_without_blocks_gets_no_checkpointing():
 def test_this_machine_detects_consistently():
     hw = hardware.detect("cpu")
     assert hw.device == "cpu" and hw.cores >= 1
-    assert space.build(hw, MLP(), 16).to_dict() == space.build(hw, MLP(), 16).to_dict()
+    assert build(hw, MLP(), 16).to_dict() == build(hw, MLP(), 16).to_dict()
 
 
 def test_suggest_gives_knobs_inside_the_space():
-    s = space.build(CPU_NO_BF16, MLP(), batch_size=16, lr=1e-3)
+    s = build(CPU_NO_BF16, MLP(), 16, lr=1e-3)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
@@ -64,6 +71,27 @@ def test_suggest_gives_knobs_inside_the_space():
         assert knobs.accumulation in s.accumulation
         assert knobs.checkpoint_every in s.checkpoint_every
         assert 1e-4 <= knobs.lr <= 3e-3
+        assert knobs.prune_kind in s.prune_kind and knobs.quantization in s.quantization
+        assert (knobs.prune_ratio > 0) == (knobs.prune_kind in ("structured", "unstructured"))
+        assert 0 <= knobs.prune_ratio <= 0.8 and 0 <= knobs.distill_alpha <= 1
+
+
+def test_conditional_knobs_are_sampled_only_where_they_matter():
+    s = build(dataclasses.replace(CPU_NO_BF16, bf16=True), MLP(), 16)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        knobs = s.suggest(trial)
+        seen.add(knobs.quantization)
+        assert ("prune_ratio" in trial.params) == (knobs.prune_kind in ("structured", "unstructured"))
+        assert ("distill_temperature" in trial.params) == (knobs.distill_alpha > 0)
+        if knobs.quantization == "qat-int8":
+            assert "precision" not in trial.params and knobs.precision == "fp32"
+            assert knobs.checkpoint_every == 0
+        assert Knobs.from_dict(trial.params) == knobs, "params alone give the trial's knobs"
+    assert "qat-int8" in seen
 
 
 def test_knobs_round_trip_and_refuse_unknown_ones():
@@ -76,7 +104,7 @@ def test_knobs_round_trip_and_refuse_unknown_ones():
 
 
 def test_knobs_to_try_are_checked_against_the_space():
-    s = space.build(CPU_NO_BF16, MLP(), batch_size=16)
+    s = build(CPU_NO_BF16, MLP(), 16)
     assert s.check_values({"compile": "default", "accumulation": 2}) == {"compile": "default",
                                                                          "accumulation": 2}
     with pytest.raises(AdvisorError, match=r"precision must be one of \['fp32'\] here; got 'bf16' "
@@ -84,5 +112,9 @@ def test_knobs_to_try_are_checked_against_the_space():
         s.check_values({"precision": "bf16"})
     with pytest.raises(AdvisorError, match="unknown knob 'prune'"):
         s.check_values({"prune": 0.5})
+    with pytest.raises(AdvisorError, match=r"prune_ratio must be between 0 and 0\.8; got 0\.9"):
+        s.check_values({"prune_kind": "structured", "prune_ratio": 0.9})
+    with pytest.raises(AdvisorError, match=r"quantization must be one of .* got 'float8' \(needs CUDA\)"):
+        s.check_values({"quantization": "float8"})
     with pytest.raises(AdvisorError, match=r"lr must be between 0\.0001 and 0\.003"):
         s.check_values({"lr": 1.0})

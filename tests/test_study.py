@@ -13,12 +13,11 @@ from optuna.trial import TrialState
 
 import advisor
 from advisor import objectives, storage
-from conftest import EAGER, EAGER_ARGS, FAST, FAST_ARGS, cli
+from conftest import FAST, FAST_ARGS, PLAIN, cli, plain, plain_args
 
-# RandomSampler(seed=16) draws compile=none for the first two trials of the default space,
-# which keeps this test free of compilation (only its speed depends on that).
-EAGER_SEED = "16"
-KNOBS = {"precision": "fp32", "checkpoint_every": 0, "compile": "none", "lr": 1e-3}
+KNOBS = {**PLAIN, "lr": 1e-3}
+# A compressed trial of the default workload that needs no compiler.
+COMPRESSED = "prune_kind=structured,prune_ratio=0.5,quantization=int8-dynamic,distill_alpha=0.5"
 
 
 def load(name: str, url: str = storage.DEFAULT_URL) -> optuna.Study:
@@ -26,7 +25,7 @@ def load(name: str, url: str = storage.DEFAULT_URL) -> optuna.Study:
 
 
 def test_default_study_end_to_end(workdir):
-    result = cli("run", "--trials", "2", "--sampler", "random", "--seed", EAGER_SEED, *FAST_ARGS,
+    result = cli("run", "--trials", "2", *plain_args(1), "--try", COMPRESSED, *FAST_ARGS,
                  "--baseline-steps", "120")
     assert result.code == 0, result.err
     assert (workdir / "studies" / "advisor.db").exists()
@@ -56,22 +55,27 @@ def test_default_study_end_to_end(workdir):
         assert r["size_bytes"] == pytest.approx(r["metrics"]["size_mib"] * 2**20)
     space = study.user_attrs["space"]
     assert "fp16" not in space["precision"] and space["blocks"] == "blocks: 3 blocks"
+    # The compressed trial: channels removed, the head in int8, the baseline as teacher.
+    compressed = trials[1].user_attrs["result"]
+    assert trials[1].params["quantization"] == "int8-dynamic"
+    assert compressed["compression"]["parameters_after"] < compressed["compression"]["parameters_before"] / 3
+    assert compressed["size_bytes"] < baseline["size_bytes"] / 3
 
 
 def test_resume_adds_trials_and_reuses_the_baseline(workdir):
-    first = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS, *EAGER_ARGS)
+    first = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS, *plain_args())
     assert first.code == 0, first.err
     assert "training and measuring the baseline" in first.err
     baseline = load("tensor-mlp").user_attrs["baseline"]
 
     # Resume without restating the settings: they come from the study.
-    second = cli("run", "--model", "workloads:tensor_mlp", "--trials", "2", *EAGER_ARGS)
+    second = cli("run", "--model", "workloads:tensor_mlp", "--trials", "2", *plain_args(2))
     assert second.code == 0, second.err
     assert "baseline" not in second.err, "the baseline is measured once per study"
 
     # Another machine: no local cache, the weights come from the study's database.
     shutil.rmtree(workdir / "studies" / "cache")
-    third = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *EAGER_ARGS)
+    third = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
     assert third.code == 0, third.err
     assert "baseline" not in third.err, "the baseline is neither trained nor measured again"
 
@@ -85,7 +89,7 @@ def test_resume_adds_trials_and_reuses_the_baseline(workdir):
 
 def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
-    advisor.run("workloads:faulty", trials=1, progress=False, **EAGER, **options)
+    advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)
     study = load("faulty")
     # FaultyMLP raises at micro-batch 8, aborts at 4, hangs at 2 (batch 16 / accumulation).
     for accumulation in (2, 4, 8, 1):
@@ -109,7 +113,7 @@ def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir
 
 def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
-    advisor.run("workloads:faulty", trials=1, progress=False, **EAGER, **options)
+    advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)
     study = load("faulty")
     study.enqueue_trial({**KNOBS, "accumulation": 8})  # hangs until interrupted
     timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -133,7 +137,7 @@ def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
 ])
 def test_other_workload_forms_run_as_studies(model, extra, workdir):
     result = cli("run", "--model", model, *extra, "--trials", "1", "--study", "s", *FAST_ARGS,
-                 *EAGER_ARGS)
+                 *plain_args())
     assert result.code == 0, result.err
     trial = load("s").trials[0]
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("failure")

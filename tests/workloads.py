@@ -166,3 +166,71 @@ def string_metric() -> advisor.Workload:
 
 def _say_good(outputs: torch.Tensor, targets: torch.Tensor) -> str:
     return "good"
+
+
+# -- compression: a tiny CNN, and models the compression libraries cannot take ---------------------
+
+class TinyCNN(nn.Module):
+    """Two convolutions and a linear head on 8x8 images: what int8-static and pruning act on."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(width * 4, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def images(n: int = 96, seed: int = 0) -> TensorDataset:
+    x, y = blobs(n, seed)
+    return TensorDataset(x.repeat(1, 8).reshape(n, 1, 8, 8), y)
+
+
+def tiny_cnn() -> advisor.Workload:
+    torch.manual_seed(0)
+    return _workload(TinyCNN(), images(96), images(32, seed=1), name="tiny-cnn")
+
+
+class HardCodedReshape(nn.Module):
+    """Its forward assumes 16 channels: Torch-Pruning removes channels, the reshape breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 64, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).reshape(x.shape[0], 16 * 64))
+
+
+def hard_coded_reshape() -> advisor.Workload:
+    torch.manual_seed(0)
+    return _workload(HardCodedReshape(), images(96), images(32, seed=1), name="reshape")
+
+
+class DataDependentMLP(MLP):
+    """Branches on its input's values, which torch.export (and so PT2E) cannot capture."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+class WideMLP(MLP):
+    """Linear layers wide enough for int4 groups (128) and 2:4 sparse kernels (64)."""
+
+    FEATURES = 128
+
+    def __init__(self) -> None:
+        super().__init__(features=self.FEATURES, width=256, depth=3)
+
+
+def wide_mlp() -> advisor.Workload:
+    torch.manual_seed(0)
+    x, y = blobs(160)
+    x = x.repeat(1, WideMLP.FEATURES // FEATURES)
+    return advisor.Workload(model=WideMLP(), train=TensorDataset(x[:128], y[:128]),
+                            val=TensorDataset(x[128:], y[128:]), batch_size=32, name="wide-mlp")

@@ -27,6 +27,10 @@ def register(sub) -> None:
                    help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
     p.add_argument("--sampler", default="tpe", help="tpe (multivariate, default), nsga2, gp or random")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible knobs")
+    p.add_argument("--try", dest="enqueue", action="append", type=knob_values, default=[],
+                   metavar="KNOB=VALUE,...",
+                   help="knobs to try first, e.g. quantization=int8-static,prune_kind=structured,"
+                        "prune_ratio=0.5 (repeatable: one trial each; the sampler fills the rest)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a trial running longer is stopped and recorded as failed (default 600)")
@@ -44,6 +48,29 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
                    help="data maps, baseline weights, logs and the compiler cache (default studies/cache)")
     p.set_defaults(handler=main)
+
+
+def knob_values(text: str) -> dict:
+    """``quantization=int8-static,prune_ratio=0.5`` -> ``{"quantization": "int8-static", ...}``;
+    the values are checked against the search space when the study opens."""
+    values: dict = {}
+    for pair in text.split(","):
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected KNOB=VALUE pairs separated by commas (for example "
+                f"quantization=int8-static,prune_ratio=0.5); got {text!r}")
+        values[name.strip()] = _number(value.strip())
+    return values
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def options_from(args: argparse.Namespace) -> core.RunOptions:

@@ -74,7 +74,16 @@ def _wrap(block: nn.Module) -> None:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
+    checkpointed_forward.advisor_checkpoint = True
     block.forward = checkpointed_forward
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`apply` (on a deep copy, whose wrapped forwards still call the original)."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "advisor_checkpoint", False):
+            del module.forward
 
 
 def options(model: nn.Module) -> tuple[list[int], list[Exclusion]]:

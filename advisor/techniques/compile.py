@@ -1,7 +1,8 @@
 """torch.compile modes; the compile time is measured and charged to the trial.
 
 On CPU, ``reduce-overhead`` (CUDA graphs) has nothing to do and ``max-autotune`` is offered
-as its ``-no-cudagraphs`` variant. Inductor's on-disk cache is shared between trials
+as its ``-no-cudagraphs`` variant. The deployable (inference) model is compiled apart from the
+training one, with inductor's ``freezing`` (``deploy``). Inductor's on-disk cache is shared between trials
 (``TORCHINDUCTOR_CACHE_DIR``, set by the runner), so a graph compiled once is reused.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
+from torch._inductor import list_mode_options
 
 from advisor.hardware import Hardware
 from advisor.techniques import Exclusion, unknown
@@ -37,6 +40,27 @@ def apply(model: nn.Module, config: CompileConfig) -> nn.Module:
     if config.mode == "none":
         return model
     return torch.compile(model, mode=config.mode)
+
+
+def deploy(model: nn.Module, mode: str) -> nn.Module:
+    """The inference model compiled in ``mode`` with inductor's ``freezing``: weights become
+    constants, so it folds and prepacks them (and lowers PT2E int8 to int8 kernels)."""
+    return _Frozen(torch.compile(model, options=list_mode_options(mode) or None))
+
+
+class _Frozen(nn.Module):
+    """Calls a compiled model with inductor's ``freezing`` on. Compilation is lazy (first
+    call, and each recompile), so the setting must hold around the calls; passing it in
+    ``torch.compile(options=...)`` was measured to leave PT2E's int8 convolutions unlowered
+    (``UnsupportedOperatorException: onednn.qconv_prepack``)."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def options(hw: Hardware) -> tuple[list[str], list[Exclusion]]:

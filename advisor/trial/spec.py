@@ -74,3 +74,4 @@ class TrialSpec:
     env: tuple[tuple[str, str], ...] = ()  # environment of the trial (the compiler cache)
     train_baseline: bool = False  # role "baseline": train before measuring
     spawned_at: float = 0.0  # wall clock when the parent started the process
+    keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)

@@ -1,7 +1,8 @@
 """The fine-tune every trial runs: AdamW, linear warm-up then cosine decay, and the knobs.
 
 One optimizer step takes ``accumulation`` micro-batches of ``batch_size / accumulation``
-samples under the trial's autocast (with a GradScaler for fp16). The first
+samples under the trial's autocast (with a GradScaler for fp16); with distillation, the
+teacher's logits for the same micro-batch come from a forward without gradients. The first
 ``warmup_steps`` steps (where compilation and lazy initialization happen) are timed apart;
 throughput comes from the steps after them. Peak memory is measured in a window of its own
 (``training_memory``), after the timed work, because measuring it well on CPU changes how
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from advisor.data import MappedSplit, to_device
-from advisor.techniques import precision
+from advisor.techniques import distillation, precision
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.compile import CompileConfig
+from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
 from advisor.trial.measure import (
     MIB,
@@ -33,7 +35,7 @@ from advisor.trial.measure import (
     peak_in_fresh_arena,
     synchronize,
 )
-from advisor.workload import LossFn, call_model
+from advisor.workload import LossFn, call_model, logits_of
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,7 +91,7 @@ class TrainReport:
 @dataclass
 class MemoryReport:
     transient_mib: float  # measured peak of training steps above the level before them
-    state_mib: float  # model parameters and buffers plus optimizer state, counted exactly
+    state_mib: float  # parameters and buffers (model, teacher) plus optimizer state, counted exactly
     steps: int
     graph_pool_mib: float = 0.0  # CUDA-graph private pools, included in transient_mib
 
@@ -104,8 +106,10 @@ class Trainer:
     def __init__(self, model: nn.Module, compiled: nn.Module, data: MappedSplit, loss: LossFn,
                  *, precision_cfg: PrecisionConfig, accumulation: AccumulationConfig,
                  compile_cfg: CompileConfig, batch_size: int, lr: float, steps: int,
-                 device: torch.device, seed: int) -> None:
+                 device: torch.device, seed: int, teacher: nn.Module | None = None,
+                 distill: DistillationConfig | None = None) -> None:
         self.model, self.compiled, self.data, self.loss = model, compiled, data, loss
+        self.teacher, self.distill = teacher, distill or DistillationConfig()
         self.device = device
         self.accumulation = accumulation.steps
         self.micro = accumulation.micro_batch(batch_size)
@@ -128,7 +132,13 @@ class Trainer:
             inputs, target = self.data.batch(self.sampler.take(self.micro))
             inputs, target = to_device(inputs, self.device), target.to(self.device)
             with self.autocast():
-                loss = self.loss(call_model(self.compiled, inputs), target) / self.accumulation
+                outputs = call_model(self.compiled, inputs)
+                loss = self.loss(outputs, target)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher = logits_of(call_model(self.teacher, inputs))
+                    loss = distillation.combine(self.distill, loss, logits_of(outputs), teacher)
+                loss = loss / self.accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             self.loss_sum += loss.detach().float()
             self.micro_batches += 1
@@ -199,6 +209,11 @@ def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> Mem
     ``measure.peak_in_fresh_arena``).
     """
     trainer.model.train()
+    # One step outside the window: whatever was set up lazily again since the fine-tune is
+    # not charged to it (PT2E's torch.export of the same forward evicts the compiled
+    # training graph; recompiling it in the window was measured at +29 MiB).
+    trainer.step()
+    trainer.take_loss(1)
 
     def window() -> None:
         for _ in range(steps):
@@ -207,6 +222,8 @@ def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> Mem
     transient, _ = peak_in_fresh_arena(window, meter)
     trainer.take_loss(steps)
     state = model_state_bytes(trainer.model) + optimizer_state_bytes(trainer.optimizer)
+    if trainer.teacher is not None:
+        state += model_state_bytes(trainer.teacher)
     # CUDA graphs keep their activations in private pools reserved when they were recorded,
     # before the window: count those pools whole.
     graphs = graph_pool_bytes(meter.device)

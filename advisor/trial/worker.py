@@ -17,19 +17,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import tqdm
 
 from advisor.data import MappedSplit, to_device
 from advisor.errors import AdvisorError
 from advisor.space import Knobs
-from advisor.techniques import checkpointing, precision
+from advisor.techniques import checkpointing, distillation, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
+from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
-from advisor.trial import measure, profile
+from advisor.trial import compress, measure, profile
 from advisor.trial.measure import MIB, MemoryMeter
 from advisor.trial.spec import TrialSpec
 from advisor.trial.train import Trainer, TrainingDiverged, fine_tune, training_memory
@@ -138,29 +140,41 @@ def run(spec: TrialSpec, phase) -> dict:
         state = torch.load(cache / BASELINE_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state)
 
-    phase("train")
     precision_cfg = PrecisionConfig(knobs.precision)
     compile_cfg = CompileConfig(knobs.compile)
-    wrapped = checkpointing.apply(model, CheckpointConfig(knobs.checkpoint_every))
-    compiled = compile_technique.apply(model, compile_cfg)
-    trainer = Trainer(model, compiled, train, loss, precision_cfg=precision_cfg,
-                      accumulation=AccumulationConfig(knobs.accumulation),
-                      compile_cfg=compile_cfg, batch_size=batch_size, lr=knobs.lr,
-                      steps=settings.trial_steps, device=device, seed=settings.seed)
-    meter = MemoryMeter(device)
-    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
-
-    compiled.eval()
-    autocast = precision.autocast(precision_cfg, device.type)
     batch, _ = val.batch(measure.fixed_batches(len(val), settings.latency_batch)[0][0])
     batch = to_device(batch, device)
     one, _ = val.batch(slice(0, 1))
     one = to_device(one, device)
 
+    # The fixed order of trial/compress.py: prune -> fine-tune -> quantize -> compile -> measure.
+    phase("prune")
+    distill_cfg = DistillationConfig(knobs.distill_alpha, knobs.distill_temperature)
+    teacher = distillation.teacher(model, distill_cfg)  # the baseline, before compression
+    student, pruned = compress.student(model, knobs, batch, spec.keep)
+
+    phase("train")
+    wrapped = checkpointing.apply(student, CheckpointConfig(knobs.checkpoint_every))
+    compiled = compile_technique.apply(student, compile_cfg)
+    trainer = Trainer(student, compiled, train, loss, precision_cfg=precision_cfg,
+                      accumulation=AccumulationConfig(knobs.accumulation),
+                      compile_cfg=compile_cfg, batch_size=batch_size, lr=knobs.lr,
+                      steps=settings.trial_steps, device=device, seed=settings.seed,
+                      teacher=teacher, distill=distill_cfg)
+    meter = MemoryMeter(device)
+    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
+
+    phase("quantize")
+    began = time.perf_counter()
+    deploy = compress.deployable(student, knobs, batch,
+                                 calibration_batches(train, settings.latency_batch, device))
+    quantize_s = time.perf_counter() - began
+    autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
+
     @torch.no_grad()
     def infer(inputs=batch):
-        with precision.autocast(precision_cfg, device.type):
-            return call_model(compiled, inputs)
+        with precision.autocast(autocast_on, device.type):
+            return call_model(deploy.run, inputs)
 
     # Latency first: its first timed call is where a compiled model compiles for inference.
     phase("latency")
@@ -169,13 +183,13 @@ def run(spec: TrialSpec, phase) -> dict:
                                     budget_s=settings.latency_seconds / 2)
 
     phase("evaluate")
-    accuracy = measure.evaluate(compiled, val, metric, batch=settings.latency_batch,
-                                device=device, autocast=autocast)
+    accuracy = measure.evaluate(deploy.run, val, metric, batch=settings.latency_batch,
+                                device=device, autocast=precision.autocast(autocast_on, device.type))
 
     phase("size")
     artifact = cache / "artifacts" / ("baseline" if spec.number < 0 else str(spec.number))
     artifact.mkdir(parents=True, exist_ok=True)
-    size = measure.artifact_bytes(model, artifact / measure.ARTIFACT_NAME)
+    size = measure.artifact_bytes(deploy.module, artifact / measure.ARTIFACT_NAME)
     shutil.rmtree(artifact)
 
     phase("memory")
@@ -184,12 +198,10 @@ def run(spec: TrialSpec, phase) -> dict:
     phase("profile")
     compiled.train()
     train_ops = profile.top_operators(trainer.step, settings.profile_steps, device)
-    compiled.eval()
     infer_ops = profile.top_operators(infer, settings.profile_steps, device)
 
-    compiled_model = compiled is not model
     compile_s = report.compile_s
-    if compiled_model:
+    if deploy.info["compile"] != "none":
         # The first inference calls at each batch size compiled their graphs.
         for timing in (latency, latency_b1):
             compile_s += max(0.0, (timing.first_ms - timing.median_ms) / 1e3)
@@ -215,10 +227,18 @@ def run(spec: TrialSpec, phase) -> dict:
                    "graph_pool_mib": memory.graph_pool_mib, "steps": memory.steps},
         "compile_s": compile_s,
         "size_bytes": size,
+        "compression": {**pruned, **deploy.info, "quantize_s": quantize_s},
         "checkpointed_blocks": wrapped,
         "process_peak_mib": meter.process_peak() / MIB,
         "profile": {"train": train_ops, "inference": infer_ops},
     }
+
+
+def calibration_batches(train: MappedSplit, batch: int, device: torch.device,
+                        samples: int = 512) -> list:
+    """Inputs to calibrate static quantization: a fixed subset of the training data."""
+    idx = np.random.default_rng(0).permutation(len(train))[:samples]
+    return [to_device(train.batch(idx[i:i + batch])[0], device) for i in range(0, len(idx), batch)]
 
 
 def _train_baseline(model, train: MappedSplit, loss, spec: TrialSpec, device, batch_size) -> None:

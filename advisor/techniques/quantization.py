@@ -1,0 +1,218 @@
+"""Quantization of the deployable model: lower-precision weights, int8, int4 and float8.
+
+- ``bf16`` / ``fp16``: weights (and the inputs) cast to half precision.
+- ``int8-dynamic`` / ``int8-weight-only`` / ``int4-weight-only`` / ``float8``: torchao's
+  ``quantize_`` configs. They replace ``nn.Linear`` weights only; int4 and float8 have
+  kernels on CUDA only (float8 from compute capability 8.9).
+- ``int8-static``: PT2E (``torchao.quantization.pt2e``) with the x86 inductor quantizer,
+  calibrated on batches of training data. It quantizes convolutions too, and is deployed
+  through inductor with ``freezing``, the form that runs int8 kernels (its eager q/dq
+  reference graph is slower than fp32).
+- ``qat-int8``: the same quantizer's fake quantization is inserted before the fine-tune,
+  which then trains through it; the trained graph is converted like ``int8-static``.
+
+``torch.ao.quantization`` is deprecated, so it is not used. The converted PT2E graph keeps
+the fp32 weights it no longer reads as attributes; ``quantize`` drops them, so the saved
+artifact (and the size objective) holds what the deployed model really needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advisor.hardware import Hardware
+from advisor.techniques import Exclusion, unknown
+from advisor.workload import Inputs, call_model
+
+KNOB = "quantization"
+MODES = ("none", "bf16", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "qat-int8",
+         "int4-weight-only", "float8")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
+_PT2E = ("int8-static", "qat-int8")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    mode: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise unknown(KNOB, self.mode, MODES)
+
+    @property
+    def pt2e(self) -> bool:
+        """Quantized through PT2E: deployed compiled with freezing."""
+        return self.mode in _PT2E
+
+    @property
+    def qat(self) -> bool:
+        return self.mode == "qat-int8"
+
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype floating inputs are cast to, when the weights are in half precision."""
+        if self.mode in _HALF:
+            return _HALF[self.mode]
+        if self.mode in ("int4-weight-only", "float8"):
+            return torch.bfloat16
+        return None
+
+
+# -- PT2E ---------------------------------------------------------------------------------
+
+def _export(model: nn.Module, example: Inputs) -> nn.Module:
+    """``torch.export`` the model with a dynamic batch dimension, as a GraphModule."""
+    if isinstance(example, torch.Tensor):
+        args, kwargs = (example,), {}
+    elif isinstance(example, dict):
+        args, kwargs = (), dict(example)
+    else:
+        args, kwargs = tuple(example), {}
+    auto = torch.export.Dim.AUTO
+    dims_args = tuple({0: auto} for _ in args)
+    dims = {k: {0: auto} for k in kwargs} if kwargs else dims_args
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dims).module()
+
+
+def _x86_quantizer(qat: bool):
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    return xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+
+
+def prepare_qat(model: nn.Module, example: Inputs) -> nn.Module:
+    """The model with fake quantization inserted, to fine-tune in place of ``model``."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    model.train()
+    prepared = prepare_qat_pt2e(_export(model, example), _x86_quantizer(qat=True))
+    # .train()/.eval() then switch the traced graph's batch norm and dropout, as the
+    # trainer and measurements expect of any module.
+    allow_exported_model_train_eval(prepared)
+    # The first forward sizes the observers' per-channel scales (from one element to one
+    # per channel); a graph compiled before that fails its shape guards.
+    with torch.no_grad():
+        call_model(prepared, example)
+    return prepared
+
+
+def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
+             calibration: Iterable[Inputs] = ()) -> nn.Module:
+    """The deployable quantized model (``model`` itself may be changed or reused)."""
+    model.eval()
+    mode = config.mode
+    if mode == "none":
+        return model
+    if mode in _HALF:
+        return model.to(_HALF[mode])
+    if mode in _TORCHAO:
+        from torchao.quantization import quantize_
+
+        if mode in ("int4-weight-only", "float8"):
+            model = model.to(torch.bfloat16)
+        quantize_(model, _torchao_config(mode))
+        return model
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    # qat-int8: prepare_qat traced the model before the fine-tune, which trained it.
+    prepared = model if config.qat else prepare_pt2e(_export(model, example), _x86_quantizer(qat=False))
+    move_exported_model_to_eval(prepared)
+    if mode == "int8-static":
+        with torch.no_grad():
+            for inputs in calibration:
+                call_model(prepared, inputs)
+    converted = convert_pt2e(prepared)
+    drop_unused_tensors(converted)
+    return converted
+
+
+def _torchao_config(mode: str):
+    import torchao.quantization as tq
+
+    if mode == "int8-dynamic":
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    if mode == "int8-weight-only":
+        return tq.Int8WeightOnlyConfig()
+    if mode == "int4-weight-only":
+        return tq.Int4WeightOnlyConfig(group_size=128)
+    return tq.Float8DynamicActivationFloat8WeightConfig()
+
+
+def drop_unused_tensors(graph_module: nn.Module) -> list[str]:
+    """Delete the parameters and buffers the graph no longer reads (PT2E keeps the fp32
+    originals of the weights it replaced with int8 constants); returns their names."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    dropped = []
+    for name in list(graph_module.state_dict(keep_vars=True)):
+        if name in used:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        delattr(graph_module.get_submodule(owner) if owner else graph_module, leaf)
+        dropped.append(name)
+    return dropped
+
+
+# -- availability -------------------------------------------------------------------------
+
+def options(hw: Hardware, model: nn.Module, example: Inputs) -> tuple[list[str], list[Exclusion]]:
+    """Modes this device and model can run, and why the others are left out."""
+    offered, excluded = ["none"], []
+
+    def take(mode: str, reason: str) -> None:
+        if reason:
+            excluded.append(Exclusion(KNOB, mode, reason))
+        else:
+            offered.append(mode)
+
+    cuda = hw.device == "cuda"
+    capability = hw.capability or (0, 0)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    no_linear = "torchao's configs quantize nn.Linear layers only; the model has none" if not linears else ""
+    take("bf16", "" if hw.bf16 else f"{hw.device} has no fast bf16 kernels")
+    take("fp16", "" if hw.fp16_fast else f"{hw.device} has no fast fp16 kernels (10-30x slower than fp32)")
+    take("int8-dynamic", no_linear)
+    take("int8-weight-only", no_linear)
+    if cuda:
+        reason = ("PT2E int8 targets the x86 inductor backend (CPU); on CUDA use "
+                  "int8-dynamic, int4-weight-only or float8")
+        take("int8-static", reason)
+        take("qat-int8", reason)
+    else:
+        reason = _export_failure(model, example)
+        take("int8-static", reason)
+        take("qat-int8", reason)
+    wide = [m for m in linears if m.in_features % 128 == 0]
+    take("int4-weight-only",
+         "needs CUDA" if not cuda else
+         "" if wide else "needs nn.Linear layers with in_features a multiple of 128; the model has none")
+    take("float8",
+         "needs CUDA" if not cuda else
+         f"needs compute capability 8.9+; this GPU has {capability[0]}.{capability[1]}"
+         if capability < (8, 9) else no_linear)
+    return offered, excluded
+
+
+def _export_failure(model: nn.Module, example: Inputs) -> str:
+    """Why PT2E cannot capture ``model`` ("" when ``torch.export`` can), on a CPU copy."""
+    # torch logs and prints the graph it failed on; the one-line reason is what is kept.
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            _export(copy.deepcopy(model).cpu().eval(), example)
+    except Exception as exc:  # the reason is the library's, reported as a space exclusion
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"torch.export cannot capture the model for PT2E: {type(exc).__name__}: {first}"
+    finally:
+        logging.disable(logging.NOTSET)
+    return ""

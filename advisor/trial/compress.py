@@ -1,0 +1,88 @@
+"""The compression steps of a trial, in their fixed order, around the fine-tune.
+
+    prune -> fine-tune (distillation, fake quantization) -> quantize -> compile/freeze -> measure
+
+``student`` runs before the fine-tune: it prunes the baseline and, for QAT, inserts fake
+quantization. ``deployable`` runs after it, on a copy (the trained model stays intact for
+the training-memory measurement): it makes pruning permanent, quantizes, and compiles the
+inference model. Latency, accuracy and size are all measured on what ``deployable``
+returns, the model a user would ship.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from advisor.space import Knobs
+from advisor.techniques import checkpointing, pruning, quantization
+from advisor.techniques import compile as compile_technique
+from advisor.techniques.pruning import PruningConfig
+from advisor.techniques.quantization import QuantizationConfig
+from advisor.workload import Inputs
+
+
+def student(model: nn.Module, knobs: Knobs, example: Inputs,
+            keep: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
+    """Prune ``model`` in place and, for QAT, trace it with fake quantization.
+
+    Returns the model to fine-tune and what pruning did (parameter counts).
+    """
+    prune_cfg = PruningConfig(knobs.prune_kind, knobs.prune_ratio)
+    info = pruning.apply(model, prune_cfg, example, keep)
+    if QuantizationConfig(knobs.quantization).qat:
+        # A mask traced into the QAT graph would leave its weights non-constant, which
+        # inductor cannot freeze into int8 kernels: the zeros are made permanent first
+        # (the fine-tune may then move some of them; the result reports the sparsity left).
+        pruning.finalize(model, prune_cfg)
+        return quantization.prepare_qat(model, example), info
+    return model, info
+
+
+@dataclass
+class Deployable:
+    module: nn.Module  # what is saved: its state dict is the size objective's artifact
+    run: nn.Module  # what is called: ``module`` compiled, behind an input cast
+    autocast: bool  # whether the trial's training precision also autocasts inference
+    info: dict = field(default_factory=dict)
+
+
+class CastInputs(nn.Module):
+    """Casts floating-point inputs to the dtype of half-precision weights."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def _cast(self, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        return value
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*(self._cast(a) for a in args), **{k: self._cast(v) for k, v in kwargs.items()})
+
+
+def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
+               calibration: Iterable[Inputs] = ()) -> Deployable:
+    """The model to ship, built from a copy of the fine-tuned ``trained`` model."""
+    model = pruning.clone(trained)
+    checkpointing.remove(model)
+    prune_cfg = PruningConfig(knobs.prune_kind, knobs.prune_ratio)
+    pruning.finalize(model, prune_cfg)
+    sparsity = pruning.sparsity(model) if prune_cfg.kind == "unstructured" else None
+    config = QuantizationConfig(knobs.quantization)
+    model = quantization.quantize(model, config, example, calibration)
+    model.requires_grad_(False)
+    # PT2E int8 runs int8 kernels only once inductor freezes it; the other models are
+    # compiled for inference when the trial's compile knob asks for it.
+    mode = knobs.compile if knobs.compile != "none" else ("default" if config.pt2e else "none")
+    run = compile_technique.deploy(model, mode) if mode != "none" else model
+    if config.input_dtype is not None:
+        run = CastInputs(run, config.input_dtype)
+    info = {"compile": mode, "freezing": mode != "none", "quantization": config.mode,
+            "sparsity": sparsity}
+    return Deployable(module=model, run=run, autocast=config.mode == "none", info=info)
