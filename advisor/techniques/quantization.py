@@ -54,6 +54,11 @@ class QuantizationConfig:
         return self.mode in _PT2E
 
     @property
+    def calibrated(self) -> bool:
+        """Static quantization: activation ranges come from calibration batches."""
+        return self.mode == "int8-static"
+
+    @property
     def qat(self) -> bool:
         return self.mode == "qat-int8"
 
@@ -128,7 +133,7 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
     # qat-int8: prepare_qat traced the model before the fine-tune, which trained it.
     prepared = model if config.qat else prepare_pt2e(_export(model, example), _x86_quantizer(qat=False))
     move_exported_model_to_eval(prepared)
-    if mode == "int8-static":
+    if config.calibrated:
         with torch.no_grad():
             for inputs in calibration:
                 call_model(prepared, inputs)

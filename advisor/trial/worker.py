@@ -31,6 +31,7 @@ from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
+from advisor.techniques.quantization import QuantizationConfig
 from advisor.trial import compress, measure, profile
 from advisor.trial.measure import MIB, MemoryMeter
 from advisor.trial.spec import TrialSpec
@@ -166,8 +167,9 @@ def run(spec: TrialSpec, phase) -> dict:
 
     phase("quantize")
     began = time.perf_counter()
-    deploy = compress.deployable(student, knobs, batch,
-                                 calibration_batches(train, settings.latency_batch, device))
+    calibration = (calibration_batches(train, settings.latency_batch, device)
+                   if QuantizationConfig(knobs.quantization).calibrated else [])
+    deploy = compress.deployable(student, knobs, batch, calibration)
     quantize_s = time.perf_counter() - began
     autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
 
