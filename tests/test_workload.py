@@ -62,6 +62,7 @@ def test_build_errors(model, data_ref, message):
     ("train", [], "Workload.train is empty"),
     ("val", 3, "must be a map-style dataset"),
     ("model", "resnet", "must be a torch.nn.Module; got str"),
+    ("keep", "head", r"Workload.keep must be a tuple of layer names \(strings\); got 'head'"),
 ])
 def test_field_checks(field, value, message):
     built = workload.build(ref("workloads:tensor_mlp"))
