@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from advisor import export as _export
+from advisor import rebuild as _apply
+from advisor import recommend as _recommend
 from advisor import report, storage
 from advisor import study as _study
 from advisor.errors import AdvisorError
@@ -33,9 +37,67 @@ def run(model: str | Callable | None = None, *, data: str | Callable | None = No
     return _study.run(opts, shown)
 
 
-def show(study: str | None = None, storage_url: str = storage.DEFAULT_URL) -> str:
-    """The baseline, the Pareto front and the failures of a stored study, as text."""
-    return report.study_report(_study.load_study(study, storage_url))
+def show(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
+         goal: str = "balanced", **constraints) -> str:
+    """The baseline, the Pareto front, the recommendation and the failures of a stored
+    study, as text; ``constraints`` (``max_latency_ms=...``) replace the study's own."""
+    loaded = _study.load_study(study, storage_url)
+    return report.study_report(loaded, goal, _constraints(loaded, constraints))
+
+
+def recommend(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
+              goal: str = "balanced", **constraints) -> _recommend.Recommendation:
+    """The recommended trial of a stored study, with why, what it misses, and caveats."""
+    loaded = _study.load_study(study, storage_url)
+    return _recommend.recommend(loaded, _constraints(loaded, constraints), goal)
+
+
+def export(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
+           output: str = "recommended.yaml", goal: str = "balanced",
+           **constraints) -> tuple[str, Path]:
+    """Write the recommendation to ``output`` (YAML); returns its text report and the path."""
+    loaded = _study.load_study(study, storage_url)
+    rec = _recommend.recommend(loaded, _constraints(loaded, constraints), goal)
+    path = _export.write(_export.to_dict(rec, loaded, storage_url), output)
+    return report.render_recommendation(rec), path
+
+
+def studies(storage_url: str = storage.DEFAULT_URL) -> str:
+    """The studies in a storage, a line each with their trial counts, as text."""
+    return report.studies_table(storage.open_storage(storage_url), storage_url)
+
+
+def load_config(path: str | Path) -> _export.Config:
+    """A recommendation file written by ``advisor export``, validated."""
+    return _export.load_config(path)
+
+
+def apply(config: _export.Config | str | Path, model: str | Callable | None = None, *,
+          data: str | Callable | None = None, steps: int | None = None,
+          output: str | Path | None = None, device: str = "auto", threads: int | None = None,
+          cache_dir: str = "studies/cache") -> _apply.Applied:
+    """Rebuild a recommendation on a workload, like ``advisor apply``; the returned
+    ``Applied`` holds the optimized model (``.model``) and its re-measured figures."""
+    if not isinstance(config, _export.Config):
+        config = _export.load_config(config)
+    return _apply.apply(config, _ref(model), _ref(data), steps=steps, output=output,
+                        device=device, threads=threads, cache_dir=cache_dir)
+
+
+def training_setup(config: _export.Config | str | Path, model, device_type: str | None = None):
+    """The training-side knobs of a config for your own training loop (see
+    ``advisor.apply.TrainingSetup``)."""
+    if not isinstance(config, _export.Config):
+        config = _export.load_config(config)
+    return _apply.training_setup(config, model, device_type)
+
+
+def _constraints(study, given: dict) -> _recommend.Constraints:
+    known = {limit.key for limit in _recommend.LIMITS}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise AdvisorError(f"unknown constraints {unknown}; the known ones are {sorted(known)}")
+    return _recommend.Constraints.from_dict({**study.user_attrs.get("constraints", {}), **given})
 
 
 class _Null:

@@ -13,7 +13,9 @@ from typing import TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from advisor import recommend
 from advisor.objectives import OBJECTIVES, ratio
+from advisor.recommend import Constraints
 from advisor.space import Knobs
 
 KNOB_COLUMNS = (("precision", "precision"), ("accumulation", "accum"),
@@ -78,14 +80,23 @@ def headers() -> list[str]:
     return [*cols, "train samples/s"]
 
 
-def front_trials(study: optuna.Study) -> list[FrozenTrial]:
-    front = [t for t in study.best_trials if "result" in t.user_attrs]
-    return sorted(front, key=lambda t: (-t.values[0], t.values[1]))
+def front(study: optuna.Study, constraints: Constraints) -> tuple[list[FrozenTrial], int]:
+    """The Pareto front of the trials that meet ``constraints`` (most accurate first), and
+    how many trials meet them."""
+    baseline = study.user_attrs.get("baseline")
+    items = recommend.candidates(study)
+    if baseline:
+        items = [c for c in items if not recommend.misses(c, baseline["metrics"], constraints)]
+    numbers = {c.number for c in recommend.pareto(items)}
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
+    return sorted(trials, key=lambda t: (-t.values[0], t.values[1])), len(items)
 
 
-def study_report(study: optuna.Study) -> str:
-    """Baseline, Pareto front with ratios to the baseline, and failures, as text."""
+def study_report(study: optuna.Study, goal: str = "balanced",
+                 constraints: Constraints | None = None) -> str:
+    """Baseline, Pareto front with ratios to the baseline, the recommendation, and failures."""
     attrs = study.user_attrs
+    constraints = constraints or Constraints.from_dict(attrs.get("constraints", {}))
     baseline = attrs.get("baseline")
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -98,14 +109,17 @@ def study_report(study: optuna.Study) -> str:
     rows = []
     if baseline:
         rows.append(measured_row("baseline", baseline["knobs"], baseline, None))
-    front = front_trials(study)
-    for t in front:
+    shown, feasible = front(study, constraints)
+    for t in shown:
         rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline))
-    out.append(f"Pareto front: {len(front)} of {len(done)} completed trials "
-               f"({len(failed)} failed); ratios are to the baseline, latency ± is half the "
-               f"p10-p90 spread")
+    out.append(f"Pareto front: {len(shown)} of {feasible} trials that meet the constraints "
+               f"({constraints.describe()}), of {len(done)} completed ({len(failed)} failed); "
+               f"ratios are to the baseline, latency ± is half the p10-p90 spread")
     first = len(KNOB_COLUMNS) + 1
     out.append(table(headers(), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
+    if baseline and done:
+        out.append("")
+        out.append(render_recommendation(recommend.recommend(study, constraints, goal)))
     if failed:
         out.append("")
         out.append("Failed trials:")
@@ -120,6 +134,86 @@ def study_report(study: optuna.Study) -> str:
         for e in excluded:
             out.append(f"  {e['knob']}={e['value']}: {e['reason']}")
     return "\n".join(out)
+
+
+def render_recommendation(rec: recommend.Recommendation) -> str:
+    """The recommendation as text: what, how it compares, why, what matters, caveats."""
+    knobs = Knobs.from_dict(rec.params)
+    head = "Recommended" if rec.feasible else "Nearest to the constraints (no trial meets them)"
+    lines = [f"{head} (goal {rec.goal}): #{rec.number}  {knobs.describe()}"]
+    cells = []
+    ratios = rec.ratios()
+    for o in OBJECTIVES:
+        value = rec.metrics[o.name]
+        if o.name == "accuracy":
+            cells.append(f"accuracy {value:.4g} ({100 * (value - rec.baseline[o.name]):+.2f} points)")
+        else:
+            r = ratios[o.name]
+            cells.append(f"{o.label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
+                         else f"{o.label} {value:.3g} {o.unit}")
+    lines.append("  " + "   ".join(cells))
+    lines.append(f"  why: {rec.why}")
+    for m in rec.misses:
+        lines.append(f"  misses: {m.describe()}")
+    for a in rec.advice:
+        lines.append(f"  try: {a}")
+    if rec.importance:
+        parts = []
+        for name, scores in rec.importance.items():
+            if scores:
+                label = next(o.label for o in OBJECTIVES if o.name == name)
+                parts.append(f"{label}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in scores))
+        if parts:
+            lines.append("  what matters most (fANOVA share of each objective's variance):")
+            lines.extend(f"    {p}" for p in parts)
+    for w in rec.warnings:
+        lines.append(f"  warning: {w}")
+    lines.append(f"  export it: advisor export --study {rec.study} --goal {rec.goal} -o recommended.yaml")
+    return "\n".join(lines)
+
+
+def studies_table(rdb, url: str) -> str:
+    """The studies in a storage: name, workload, device, trial counts, baseline accuracy."""
+    rows = []
+    for summary in rdb.get_all_studies():
+        attrs = summary.user_attrs
+        trials = rdb.get_all_trials(summary._study_id, deepcopy=False)
+        count = {state: sum(1 for t in trials if t.state == state)
+                 for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+        base = attrs.get("baseline", {}).get("metrics", {}).get("accuracy")
+        rows.append([summary.study_name, attrs.get("workload", {}).get("model") or "-",
+                     attrs.get("hardware", {}).get("device") or "-",
+                     str(count[TrialState.COMPLETE]), str(count[TrialState.FAIL]),
+                     str(count[TrialState.RUNNING]), f"{base:.4g}" if base is not None else "-"])
+    if not rows:
+        return f"no studies in {url}; start one with advisor run"
+    return table(["study", "workload", "device", "completed", "failed", "running",
+                  "baseline accuracy"], rows, right={3, 4, 5, 6})
+
+
+def render_applied(applied) -> str:
+    """Baseline and applied model measured now, beside the study's trial."""
+    config = applied.config
+    trial = config.provenance.get("trial")
+    rows = []
+    for o in OBJECTIVES:
+        now, then = applied.result["metrics"][o.name], config.measured[o.name]
+        base = applied.baseline["metrics"][o.name]
+        if o.name == "accuracy":
+            diff = f"{100 * (now - then):+.2f} points"
+        else:
+            diff = f"{now / then:.2f}x" if then else "-"
+        rows.append([f"{o.label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}",
+                     f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-", diff])
+    lines = [f"Applied {Knobs.from_dict(config.knobs.to_dict()).describe()}",
+             f"(trial #{trial} of study {config.provenance.get('study')!r}, measured on "
+             f"{config.provenance.get('device_name')})",
+             table(["objective", "baseline now", f"study #{trial}", "applied now", "vs baseline",
+                    "vs study"], rows, right={1, 2, 3, 4, 5})]
+    lines += [f"note: {n}" for n in applied.notes]
+    if applied.artifact is not None:
+        lines.append(f"saved {applied.artifact}: {applied.artifact_format}")
+    return "\n".join(lines)
 
 
 def short_result(result: dict) -> str:

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from advisor import __version__, data, hardware, objectives, space, storage
 from advisor.errors import AdvisorError
+from advisor.recommend import LIMITS, Constraints
 from advisor.report import Progress, short_result
 from advisor.trial.runner import Outcome, TrialRunner
 from advisor.trial.spec import Settings, TrialSpec, flag
@@ -73,6 +74,11 @@ class RunOptions:
     latency_seconds: float | None = None
     # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
     enqueue: list[dict] = field(default_factory=list)
+    # Constraints (recommend.Constraints): None takes the study's stored value, or the default.
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+    max_size_mb: float | None = None
 
 
 @dataclass
@@ -101,6 +107,28 @@ def _check_options(options: RunOptions) -> None:
         raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
     storage.parse_url(options.storage)
     Settings(**_explicit_settings(options))  # refuse bad values before anything is written
+    Constraints(**_explicit_constraints(options))
+
+
+def _explicit_constraints(options: RunOptions) -> dict:
+    return {limit.key: getattr(options, limit.key) for limit in LIMITS
+            if getattr(options, limit.key) is not None}
+
+
+def _resolve_constraints(options: RunOptions, stored: dict | None, study_name: str) -> Constraints:
+    explicit = _explicit_constraints(options)
+    if stored is None:
+        return Constraints(**explicit)
+    for limit in LIMITS:
+        if limit.key in explicit and stored.get(limit.key) != explicit[limit.key]:
+            had = stored.get(limit.key)
+            runs = f"runs with {limit.flag} {had:g}" if had is not None else f"runs without {limit.flag}"
+            raise AdvisorError(
+                f"study {study_name!r} {runs}; this run asks for {explicit[limit.key]:g}. Drop "
+                f"{limit.flag} to resume it (advisor export "
+                f"{limit.flag} {explicit[limit.key]} recommends under another limit without "
+                f"new trials), or start a new study with --study NAME")
+    return Constraints.from_dict(stored)
 
 
 def _explicit_settings(options: RunOptions) -> dict:
@@ -264,6 +292,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     rdb = storage.open_storage(options.storage)
     study, settings, search = _open_study(rdb, study_name, options, workload, hw, info,
                                           probe_inputs(cache))
+    constraints = Constraints.from_dict(study.user_attrs.get("constraints", {}))
     progress = progress or Progress(options.trials)
     runner = TrialRunner(preload=_modules_of(workload, ref))
     env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
@@ -283,7 +312,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
     try:
-        _run_trials(study, search, runner, spec, options, progress, result)
+        _run_trials(study, search, runner, spec, options, progress, result, constraints)
     finally:
         result.front = [t.number for t in study.best_trials]
     return result
@@ -304,6 +333,7 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
                                f"choose another name with --study NAME")
     attrs = study.user_attrs if study else {}
     settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
+    constraints = _resolve_constraints(options, attrs.get("constraints") if study else None, study_name)
     search = space.build(hw, workload.model, workload.batch_size, example, lr=settings.lr,
                          keep=workload.keep)
     queued = [search.check_values(values) for values in options.enqueue]
@@ -318,6 +348,7 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
         study.set_user_attr("advisor", {"version": __version__, "format": FORMAT})
         study.set_user_attr("workload", info)
         study.set_user_attr("settings", settings.to_dict())
+        study.set_user_attr("constraints", constraints.to_dict())
         study.set_user_attr("hardware", hw.to_dict())
         study.set_user_attr("space", search.to_dict())
         study.set_user_attr("objectives", [{"name": o.name, "direction": o.direction,
@@ -328,7 +359,8 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
 
 
 def _run_trials(study: optuna.Study, search: space.Space, runner: TrialRunner, spec,
-                options: RunOptions, progress: Progress, result: RunResult) -> None:
+                options: RunOptions, progress: Progress, result: RunResult,
+                constraints: Constraints) -> None:
     """Ask, run in a trial process, tell: ``options.trials`` times, or until Ctrl-C."""
     for i in range(1, options.trials + 1):
         t0 = time.perf_counter()
@@ -348,6 +380,10 @@ def _run_trials(study: optuna.Study, search: space.Space, runner: TrialRunner, s
         t2 = time.perf_counter()
         _store_outcome(trial, outcome)
         if outcome.ok:
+            # Constraints go to Optuna before tell, so its samplers learn what is feasible.
+            for key, value in constraints.values(outcome.result["metrics"],
+                                                 result.baseline["metrics"]).items():
+                trial.set_constraint(key, value)
             study.tell(trial, objectives.values(outcome.result["metrics"]))
             result.completed += 1
         else:

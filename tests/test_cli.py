@@ -49,6 +49,10 @@ BAD_RUNS = [
      "prune_ratio must be between 0 and 0.8; got 2"),
     (["--model", "workloads:tensor_mlp", "--try", "quantization=qat-int8,checkpoint_every=1"],
      "qat-int8 fine-tunes a traced fp32 graph with fake quantization"),
+    (["--max-size-mb", "-1"], "--max-size-mb must be > 0; got -1"),
+    (["--max-accuracy-drop", "lots"], "argument --max-accuracy-drop: invalid float value: 'lots'"),
+    (["--model", "workloads:tensor_mlp", "--max-latency-ms", "5"],
+     "study 'tensor-mlp' runs without --max-latency-ms; this run asks for 5. Drop --max-latency-ms"),
     (["--model", "workloads:tensor_mlp", "--trial-steps", "9"],
      "study 'tensor-mlp' was measured with --trial-steps 4; this run asks for 9"),
 ]
@@ -97,7 +101,16 @@ def test_show_prints_the_stored_study(stored):
     url, _ = stored
     result = cli("show", "--storage", url)
     assert result.code == 0
-    assert "Pareto front: 1 of 1 completed trials" in result.out and "baseline" in result.out
+    assert "Pareto front: 1 of 1 trials that meet the constraints (accuracy drop <= 1 point), " \
+           "of 1 completed (0 failed)" in result.out and "baseline" in result.out
+    assert "Recommended (goal balanced): #0" in result.out
+    # Other limits for this report only: nothing meets them, the nearest is shown.
+    result = cli("show", "--storage", url, "--max-size-mb", "0.0001")
+    assert "Pareto front: 0 of 0 trials that meet the constraints" in result.out
+    assert "Nearest to the constraints (no trial meets them)" in result.out
+    assert "exceeds --max-size-mb 0.0001" in result.out
+    result = cli("studies", "--storage", url)
+    assert result.code == 0 and "tensor-mlp" in result.out and "completed" in result.out
 
 
 def test_the_installed_command_prints_one_line_without_traceback(workdir):

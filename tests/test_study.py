@@ -33,6 +33,7 @@ def test_default_study_end_to_end(workdir):
     assert "Pareto front:" in result.out and "baseline" in result.out
     assert "x)" in result.out, "objectives are shown as ratios to the baseline"
     assert "advisor show --study digits-cnn" in result.out
+    assert "Recommended (goal balanced)" in result.out or "Nearest to the constraints" in result.out
     assert "precision=fp16: cpu has no fast fp16 kernels" in result.out
     # Progress: one line per trial with its result.
     assert result.err.count("acc ") == 3, result.err  # baseline + 2 trials
@@ -53,6 +54,9 @@ def test_default_study_end_to_end(workdir):
         assert r["train"]["micro_batches"] == FAST["trial_steps"] * t.params["accumulation"]
         assert r["profile"]["train"] and r["profile"]["inference"]
         assert r["size_bytes"] == pytest.approx(r["metrics"]["size_mib"] * 2**20)
+        # The default constraint went to Optuna with the trial: a drop in points, minus 1.
+        drop = 100 * (study.user_attrs["baseline"]["metrics"]["accuracy"] - r["metrics"]["accuracy"])
+        assert t.constraints == {"max_accuracy_drop": pytest.approx(drop - 1.0)}
     space = study.user_attrs["space"]
     assert "fp16" not in space["precision"] and space["blocks"] == "blocks: 3 blocks"
     # The compressed trial: channels removed, the head in int8, the baseline as teacher.

@@ -8,6 +8,7 @@ import sys
 
 from advisor import report, storage
 from advisor import study as core
+from advisor.cli import common
 from advisor.workload import DEFAULT_MODEL
 
 
@@ -47,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per trial (default: all usable cores)")
     p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
                    help="data maps, baseline weights, logs and the compiler cache (default studies/cache)")
+    common.add_constraints(p)
     p.set_defaults(handler=main)
 
 
@@ -85,6 +87,7 @@ def next_commands(study_name: str, url: str) -> str:
         "Next:",
         f"  advisor run --study {name}{where} --trials 12   # add trials to this study",
         f"  advisor show --study {name}{where}              # this report again",
+        f"  advisor export --study {name}{where} -o recommended.yaml   # the recommendation, as a file",
         f"  optuna best-trials --study-name {name} --storage {shlex.quote(storage.display(url))}",
     ])
 

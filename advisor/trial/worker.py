@@ -120,6 +120,12 @@ def load(spec: TrialSpec) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def run(spec: TrialSpec, phase) -> dict:
+    """Run the trial ``spec`` describes; its JSON-able result."""
+    return measure_trial(spec, phase)[0]
+
+
+def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
+    """The trial's result and its deployable model (``advisor apply`` keeps the model)."""
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.settings.seed)
     device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
@@ -207,7 +213,7 @@ def run(spec: TrialSpec, phase) -> dict:
         # The first inference calls at each batch size compiled their graphs.
         for timing in (latency, latency_b1):
             compile_s += max(0.0, (timing.first_ms - timing.median_ms) / 1e3)
-    return {
+    result = {
         "metrics": {
             "accuracy": accuracy,
             "latency_ms": latency.median_ms,
@@ -234,6 +240,7 @@ def run(spec: TrialSpec, phase) -> dict:
         "process_peak_mib": meter.process_peak() / MIB,
         "profile": {"train": train_ops, "inference": infer_ops},
     }
+    return result, deploy
 
 
 def calibration_batches(train: MappedSplit, batch: int, device: torch.device,

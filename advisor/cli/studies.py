@@ -1,0 +1,20 @@
+"""``advisor studies``: the studies a storage holds, with their trial counts."""
+
+from __future__ import annotations
+
+import argparse
+
+from advisor import api, storage
+
+
+def register(sub) -> None:
+    p = sub.add_parser("studies", help="list the studies in a storage",
+                       description="List the studies in a storage with their trial counts.")
+    p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
+                   help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    print(api.studies(args.storage))
+    return 0

@@ -1,0 +1,183 @@
+"""The exported recommendation: a versioned YAML file a person can read and diff.
+
+``write`` turns a :class:`~advisor.recommend.Recommendation` into the file; ``load_config``
+reads one back and validates every field (an unknown key, a wrong type, a knob value no
+technique knows, or a schema newer than this advisor reads each get one line naming the
+field), so ``advisor apply`` never acts on a half-understood file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from advisor import __version__, storage
+from advisor.errors import AdvisorError
+from advisor.objectives import NAMES
+from advisor.recommend import GOALS, LIMITS, Constraints, Recommendation
+from advisor.space import Knobs
+
+SCHEMA = 1
+KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
+        "provenance")
+PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",
+              "torch", "torchao", "advisor", "settings", "measured_at", "exported_at")
+_KNOB_TYPES = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded, validated recommendation file."""
+
+    knobs: Knobs
+    measured: dict
+    baseline: dict
+    constraints: Constraints
+    goal: str
+    feasible: bool
+    provenance: dict
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def to_dict(rec: Recommendation, study, storage_url: str) -> dict:
+    """The file's content for ``rec``, a recommendation from ``study``."""
+    attrs = study.user_attrs
+    hw = attrs.get("hardware", {})
+    trial = study.trials[rec.number]
+    workload = attrs.get("workload", {})
+    return {
+        "advisor_config": SCHEMA,
+        "goal": rec.goal,
+        "feasible": rec.feasible,
+        "knobs": Knobs.from_dict(rec.params).to_dict(),
+        "measured": {k: float(rec.metrics[k]) for k in NAMES},
+        "baseline": {k: float(rec.baseline[k]) for k in NAMES},
+        "constraints": rec.constraints.to_dict(),
+        "provenance": {
+            "study": rec.study,
+            "trial": rec.number,
+            "storage": storage.display(storage_url),
+            "completed": rec.completed,
+            "workload": {k: workload.get(k) for k in ("name", "model", "data")},
+            "device": hw.get("device"),
+            "device_name": hw.get("name"),
+            "torch": hw.get("torch_version"),
+            "torchao": _version("torchao"),
+            "advisor": __version__,
+            "settings": attrs.get("settings", {}),
+            "measured_at": trial.datetime_complete.isoformat(timespec="seconds")
+            if trial.datetime_complete else None,
+            "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def write(content: dict, path: str | Path) -> Path:
+    path = Path(path)
+    header = (f"# advisor recommendation (schema {SCHEMA}): trial #{content['provenance']['trial']} of "
+              f"study {content['provenance']['study']!r}.\n"
+              f"# Rebuild it on your workload: advisor apply {path.name} --model MODULE:FUNCTION\n")
+    body = yaml.safe_dump(content, sort_keys=False, default_flow_style=False)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a recommendation file written by :func:`write`."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AdvisorError(f"cannot read {where}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise AdvisorError(f"{where} is not valid YAML{line}; export it again with advisor export") from None
+    return from_dict(data, where)
+
+
+def from_dict(data: object, where: str = "config") -> Config:
+    if not isinstance(data, dict) or "advisor_config" not in data:
+        raise AdvisorError(f"{where} is not an advisor config (no advisor_config field); "
+                           f"write one with advisor export")
+    version = data["advisor_config"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdvisorError(f"{where}: advisor_config must be an integer schema version; got {version!r}")
+    if version > SCHEMA:
+        raise AdvisorError(f"{where} has schema {version}, newer than this advisor {__version__} reads "
+                           f"({SCHEMA}); upgrade advisor")
+    _keys(data, KEYS, where, required=KEYS)
+    goal = data["goal"]
+    if goal not in GOALS:
+        raise AdvisorError(f"{where}: goal must be one of {', '.join(GOALS)}; got {goal!r}")
+    if not isinstance(data["feasible"], bool):
+        raise AdvisorError(f"{where}: feasible must be true or false; got {data['feasible']!r}")
+    knobs = _knobs(data["knobs"], where)
+    measured = _objectives(data["measured"], f"{where}: measured")
+    baseline = _objectives(data["baseline"], f"{where}: baseline")
+    constraints = _constraints(data["constraints"], where)
+    provenance = data["provenance"]
+    _keys(provenance, PROVENANCE, f"{where}: provenance")
+    return Config(knobs=knobs, measured=measured, baseline=baseline, constraints=constraints,
+                  goal=goal, feasible=data["feasible"], provenance=dict(provenance))
+
+
+def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> None:
+    if not isinstance(section, dict):
+        raise AdvisorError(f"{where} must be a mapping; got {type(section).__name__}")
+    for key in section:
+        if key not in known:
+            raise AdvisorError(f"{where}: unknown key {key!r}; the keys are {', '.join(known)}")
+    for key in required:
+        if key not in section:
+            raise AdvisorError(f"{where}: missing key {key!r}")
+
+
+def _knobs(section: object, where: str) -> Knobs:
+    types = {f.name: _KNOB_TYPES[f.type] for f in fields(Knobs)}
+    _keys(section, tuple(types), f"{where}: knobs", required=tuple(types))
+    values = {}
+    for name, kind in types.items():
+        value = section[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise AdvisorError(f"{where}: knobs.{name} must be a {kind.__name__}; got {value!r}")
+        values[name] = value
+    try:
+        return Knobs(**values)
+    except ValueError as exc:
+        raise AdvisorError(f"{where}: knobs: {exc}") from None
+
+
+def _objectives(section: object, where: str) -> dict:
+    _keys(section, NAMES, where, required=NAMES)
+    for name, value in section.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdvisorError(f"{where}.{name} must be a number; got {value!r}")
+    return {k: float(v) for k, v in section.items()}
+
+
+def _constraints(section: object, where: str) -> Constraints:
+    keys = tuple(limit.key for limit in LIMITS)
+    _keys(section, keys, f"{where}: constraints", required=keys)
+    try:
+        return Constraints(**section)
+    except AdvisorError as exc:
+        raise AdvisorError(f"{where}: constraints: {exc}") from None

@@ -1,0 +1,159 @@
+"""The exported file round-trips, refuses what it does not understand, and applies."""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+import advisor
+from advisor import api, export, objectives, recommend
+from advisor.errors import AdvisorError
+from advisor.space import Knobs
+from conftest import FAST, cli
+from test_recommend import BASELINE, result
+from workloads import MLP
+
+# Every knob away from its default, so a round trip that drops or retypes one fails.
+ALL_KNOBS = {"precision": "bf16", "accumulation": 4, "checkpoint_every": 2,
+             "compile": "max-autotune-no-cudagraphs", "lr": 3e-4, "prune_kind": "structured",
+             "prune_ratio": 0.3, "quantization": "int8-static", "distill_alpha": 0.7,
+             "distill_temperature": 2.5}
+
+
+def exported(tmp_path, knobs: dict = ALL_KNOBS) -> dict:
+    study = optuna.create_study(directions=objectives.DIRECTIONS, study_name="s")
+    study.set_user_attr("baseline", {"metrics": BASELINE, "knobs": {}, **result(BASELINE)})
+    study.set_user_attr("constraints", recommend.Constraints(max_size_mb=8.0).to_dict())
+    study.set_user_attr("hardware", {"device": "cpu", "name": "test cpu", "torch_version": "2.13"})
+    metrics = {"accuracy": 0.895, "latency_ms": 3.0, "memory_mib": 30.0, "size_mib": 3.0}
+    dists = {k: CategoricalDistribution([v]) if isinstance(v, str | int) and not isinstance(v, float)
+             else FloatDistribution(v / 2, v * 2) for k, v in knobs.items()}
+    study.add_trial(optuna.trial.create_trial(params=knobs, distributions=dists,
+                                              values=objectives.values(metrics),
+                                              user_attrs={"result": result(metrics)}))
+    rec = recommend.recommend(study, with_importance=False)
+    return export.to_dict(rec, study, "sqlite:///studies/advisor.db")
+
+
+def test_the_file_round_trips_every_knob(tmp_path):
+    content = exported(tmp_path)
+    path = export.write(content, tmp_path / "recommended.yaml")
+    text = path.read_text()
+    assert text.startswith("# advisor recommendation (schema 1): trial #0 of study 's'")
+    config = export.load_config(path)
+    assert config.knobs == Knobs(**ALL_KNOBS)
+    assert config.constraints.max_size_mb == 8.0 and config.goal == "balanced" and config.feasible
+    assert config.measured["size_mib"] == 3.0 and config.baseline == BASELINE
+    assert config.provenance["device_name"] == "test cpu" and config.provenance["trial"] == 0
+    assert config.provenance["advisor"] == advisor.__version__
+
+
+def _set(path: tuple, value):
+    def mutate(content: dict) -> None:
+        node = content
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return mutate
+
+
+_DELETE = object()
+
+MALFORMED = [
+    (_set(("advisor_config",), 2), "has schema 2, newer than this advisor"),
+    (_set(("advisor_config",), "one"), "advisor_config must be an integer schema version"),
+    (_set(("knobz",), {}), "unknown key 'knobz'; the keys are advisor_config, goal"),
+    (_set(("knobs", "pruning"), 0.5), r"knobs: unknown key 'pruning'; the keys are precision"),
+    (_set(("knobs", "prune_ratio"), "high"), "knobs.prune_ratio must be a float; got 'high'"),
+    (_set(("knobs", "accumulation"), 2.5), "knobs.accumulation must be a int; got 2.5"),
+    (_set(("knobs", "quantization"), "int3"), "knobs: quantization must be one of 'none'"),
+    (_set(("knobs", "lr"), _DELETE), "knobs: missing key 'lr'"),
+    (_set(("measured", "accuracy"), "good"), "measured.accuracy must be a number; got 'good'"),
+    (_set(("constraints", "max_latency_ms"), -3), "constraints: --max-latency-ms must be > 0"),
+    (_set(("goal",), "cheapest"), "goal must be one of balanced"),
+    (_set(("feasible",), "yes"), "feasible must be true or false"),
+    (_set(("provenance", "gpu"), "h100"), "provenance: unknown key 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", MALFORMED,
+                         ids=[m for _, m in MALFORMED])
+def test_each_malformed_file_gets_its_error(mutate, message, tmp_path):
+    content = copy.deepcopy(exported(tmp_path))
+    mutate(content)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(AdvisorError, match=message) as info:
+        export.load_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("goal: balanced\nknobs: [1, 2", r"is not valid YAML \(line 2\)"),
+    ("- a\n- b\n", "is not an advisor config"),
+])
+def test_files_that_are_not_configs(text, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(AdvisorError, match=message):
+        export.load_config(path)
+    with pytest.raises(AdvisorError, match="cannot read"):
+        export.load_config(tmp_path / "missing.yaml")
+
+
+def test_training_setup_gives_a_loop_the_training_knobs(tmp_path):
+    path = export.write(exported(tmp_path, {**ALL_KNOBS, "compile": "none"}), tmp_path / "r.yaml")
+    model = MLP()
+    setup = advisor.training_setup(path, model)
+    assert setup.accumulation_steps == 4 and setup.micro_batch(64) == 16
+    assert setup.checkpointed_blocks >= 1 and setup.scaler is None and setup.lr == 3e-4
+    with setup.autocast():
+        out = setup.model.blocks[0](torch.randn(2, 8))
+    assert out.dtype == torch.bfloat16
+
+
+# -- end to end: run, export, apply -----------------------------------------------------------------
+
+COMPRESSED = {"precision": "fp32", "accumulation": 1, "checkpoint_every": 0, "compile": "none",
+              "prune_kind": "structured", "prune_ratio": 0.5, "quantization": "int8-static",
+              "distill_alpha": 0.5, "distill_temperature": 2.0}
+
+
+def test_apply_reproduces_the_exported_trial(workdir):
+    # Four fine-tune steps lose accuracy; the test is about reproducing, not about the limit.
+    advisor.run("workloads:tiny_cnn", trials=1, progress=False, sampler="random", seed=0,
+                enqueue=[COMPRESSED], max_accuracy_drop=50.0, **FAST)
+    text, path = api.export(output="recommended.yaml")
+    assert "Recommended (goal balanced): #0" in text
+    applied = advisor.apply(path, output="optimized.pt2")
+    config = applied.config
+    now, then = applied.result["metrics"], config.measured
+    assert abs(now["accuracy"] - then["accuracy"]) <= 0.005, (now, then)
+    assert now["size_mib"] == pytest.approx(then["size_mib"], rel=0.01)
+    assert applied.artifact is not None and applied.artifact.exists()
+    assert applied.artifact_format.startswith("torch.export program")
+    program = torch.export.load(applied.artifact).module()
+    with torch.no_grad():
+        assert program(torch.randn(8, 1, 8, 8)).shape == (8, 3)
+    # The model removed channels for real and holds int8 weights.
+    convs = [t for t in applied.model.state_dict().values() if t.dim() == 4]
+    assert convs and all(t.dtype == torch.int8 for t in convs)
+
+
+def test_cli_studies_export_and_apply_bad_input(workdir):
+    result = cli("studies")
+    assert result.code == 0 and "no studies in sqlite:///studies/advisor.db" in result.out
+    result = cli("export")
+    assert result.code == 2 and "--study is needed" in result.err
+    result = cli("apply", "nosuch.yaml")
+    assert result.code == 2 and "cannot read nosuch.yaml" in result.err
+    result = cli("show", "--goal", "cheapest")
+    assert result.code == 2 and "invalid choice: 'cheapest'" in result.err
