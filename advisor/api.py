@@ -59,7 +59,7 @@ def export(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
     loaded = _study.load_study(study, storage_url)
     rec = _recommend.recommend(loaded, _constraints(loaded, constraints), goal)
     path = _export.write(_export.to_dict(rec, loaded, storage_url), output)
-    return report.render_recommendation(rec), path
+    return report.render_recommendation(rec, hint=False), path
 
 
 def studies(storage_url: str = storage.DEFAULT_URL) -> str:

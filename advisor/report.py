@@ -136,7 +136,7 @@ def study_report(study: optuna.Study, goal: str = "balanced",
     return "\n".join(out)
 
 
-def render_recommendation(rec: recommend.Recommendation) -> str:
+def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> str:
     """The recommendation as text: what, how it compares, why, what matters, caveats."""
     knobs = Knobs.from_dict(rec.params)
     head = "Recommended" if rec.feasible else "Nearest to the constraints (no trial meets them)"
@@ -164,11 +164,14 @@ def render_recommendation(rec: recommend.Recommendation) -> str:
                 label = next(o.label for o in OBJECTIVES if o.name == name)
                 parts.append(f"{label}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in scores))
         if parts:
-            lines.append("  what matters most (fANOVA share of each objective's variance):")
+            lines.append(f"  what matters most (fANOVA share of each objective's variance over "
+                         f"{rec.completed} trials; knobs not sampled in every trial, such as "
+                         f"prune_ratio, are left out; rough below ~50 trials):")
             lines.extend(f"    {p}" for p in parts)
     for w in rec.warnings:
         lines.append(f"  warning: {w}")
-    lines.append(f"  export it: advisor export --study {rec.study} --goal {rec.goal} -o recommended.yaml")
+    if hint:
+        lines.append(f"  export it: advisor export --study {rec.study} --goal {rec.goal} -o recommended.yaml")
     return "\n".join(lines)
 
 
