@@ -89,9 +89,11 @@ def write(content: dict, path: str | Path) -> Path:
               f"study {content['provenance']['study']!r}.\n"
               f"# Rebuild it on your workload: advisor apply {path.name} --model MODULE:FUNCTION\n")
     body = yaml.safe_dump(content, sort_keys=False, default_flow_style=False)
-    if path.parent != Path(""):
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + body)
+        path.write_text(header + body)
+    except OSError as exc:
+        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
     return path
 
 
@@ -103,6 +105,8 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text()
     except OSError as exc:
         raise AdvisorError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AdvisorError(f"{where} is not a text file; pass the YAML file advisor export wrote") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

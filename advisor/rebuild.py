@@ -150,7 +150,11 @@ def save(model: nn.Module, inputs, path: Path, knobs: dict) -> tuple[Path, str]:
     inputs = _to(inputs, device)
     args, kwargs = ((inputs,), {}) if isinstance(inputs, torch.Tensor) else \
         (((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
     try:
         program = torch.export.export(model, args, kwargs)
         torch.export.save(program, path)

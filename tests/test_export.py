@@ -107,6 +107,11 @@ def test_files_that_are_not_configs(text, message, tmp_path):
         export.load_config(path)
     with pytest.raises(AdvisorError, match="cannot read"):
         export.load_config(tmp_path / "missing.yaml")
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\xfb\xff")
+    with pytest.raises(AdvisorError, match="is not a text file"):
+        export.load_config(tmp_path / "model.pt")
+    with pytest.raises(AdvisorError, match=r"cannot write /proc/r\.yaml"):
+        export.write(exported(tmp_path), "/proc/r.yaml")
 
 
 def test_training_setup_gives_a_loop_the_training_knobs(tmp_path):
