@@ -62,6 +62,14 @@ def export(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
     return report.render_recommendation(rec, hint=False), path
 
 
+def dashboard(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
+              output: str | Path | None = None, goal: str = "balanced") -> Path:
+    """Write a study's HTML dashboard (default ``dashboards/<study>.html``); its path."""
+    from advisor import dashboard as _dashboard
+
+    return _dashboard.write(_study.load_study(study, storage_url), output, goal)
+
+
 def studies(storage_url: str = storage.DEFAULT_URL) -> str:
     """The studies in a storage, a line each with their trial counts, as text."""
     return report.studies_table(storage.open_storage(storage_url), storage_url)

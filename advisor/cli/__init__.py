@@ -19,13 +19,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from advisor.cli import apply, bench, export, run, show, studies
+    from advisor.cli import apply, bench, dashboard, export, run, show, studies
 
     p = _Parser(prog="advisor", description="Measure which PyTorch optimization techniques "
                 "to use for your model on this hardware.")
     p.add_argument("--version", action="version", version=f"advisor {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (run, show, studies, export, apply, bench):
+    for module in (run, show, dashboard, studies, export, apply, bench):
         module.register(sub)
     return p
 

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from advisor import report, storage
+from advisor import dashboard, report, storage
 from advisor import study as core
 from advisor.cli import common
 from advisor.workload import DEFAULT_MODEL
@@ -88,6 +88,7 @@ def next_commands(study_name: str, url: str) -> str:
         f"  advisor run --study {name}{where} --trials 12   # add trials to this study",
         f"  advisor show --study {name}{where}              # this report again",
         f"  advisor export --study {name}{where} -o recommended.yaml   # the recommendation, as a file",
+        f"  advisor dashboard --study {name}{where}         # the dashboard again",
         f"  optuna best-trials --study-name {name} --storage {shlex.quote(storage.display(url))}",
     ])
 
@@ -99,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
     loaded = core.load_study(result.study_name, options.storage)
     print(report.study_report(loaded))
     print()
+    print(f"Dashboard: {dashboard.write(loaded)}")
     print(next_commands(result.study_name, options.storage))
     if result.interrupted:
         print("advisor: interrupted; the trials above are stored, run again to resume",
