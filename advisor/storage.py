@@ -8,7 +8,11 @@ reuse them without training the baseline again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -57,9 +61,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     shown = display(url)
     try:
-        storage = optuna.storages.RDBStorage(url)
-        with storage.engine.begin() as connection:
-            _metadata.create_all(connection, checkfirst=True)
+        # Several workers may open a new database at once: create the schema one at a time.
+        with lock(url, "schema"):
+            storage = optuna.storages.RDBStorage(url)
+            with storage.engine.begin() as connection:
+                _metadata.create_all(connection, checkfirst=True)
     except (NoSuchModuleError, ImportError, ModuleNotFoundError) as exc:
         raise AdvisorError(
             f"--storage {shown}: the database driver is not installed ({_first_line(exc)}); "
@@ -68,6 +74,54 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as exc:
         raise AdvisorError(f"--storage {shown}: cannot open the storage: {_first_line(exc)}") from None
     return storage
+
+
+@contextlib.contextmanager
+def lock(url: str, name: str) -> Iterator[None]:
+    """Hold a lock named ``name`` that every worker of the storage ``url`` sees.
+
+    PostgreSQL: a session advisory lock (workers on other machines wait too). SQLite: an
+    exclusive ``flock`` on a file beside the database (SQLite is one machine's storage).
+    Other databases: no lock (study creation then relies on Optuna's ``load_if_exists``).
+    """
+    parsed = parse_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        key = int.from_bytes(hashlib.sha1(f"advisor:{name}".encode()).digest()[:8], "big", signed=True)
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    connection.commit()
+        finally:
+            engine.dispose()
+    elif backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def local_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` for processes of this machine (the data cache)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -64,6 +64,7 @@ class RunOptions:
     seed: int | None = None
     device: str = "auto"
     trial_timeout: float = 600.0
+    trial_memory_mb: float | None = None  # a trial allocating more fails as out of memory
     cache_dir: str = "studies/cache"
     threads: int | None = None
     # Measurement settings: None takes the study's stored value (or the default when new).
@@ -103,6 +104,8 @@ def _check_options(options: RunOptions) -> None:
             f"--sampler must be one of {', '.join(SAMPLERS)}; got {options.sampler!r}")
     if not options.trial_timeout > 0:
         raise AdvisorError(f"--trial-timeout must be > 0 seconds; got {options.trial_timeout!r}")
+    if options.trial_memory_mb is not None and not options.trial_memory_mb > 0:
+        raise AdvisorError(f"--trial-memory-mb must be > 0 MiB; got {options.trial_memory_mb!r}")
     if options.threads is not None and options.threads < 1:
         raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
     storage.parse_url(options.storage)
@@ -286,29 +289,36 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     study_name = options.study or workload.name
     cache_root = Path(options.cache_dir).resolve()
     cache = cache_root / _safe(study_name)
-    info = prepare_cache(workload, ref, cache)
+    with storage.local_lock(cache):  # workers on this machine share the cache
+        info = prepare_cache(workload, ref, cache)
     setup = {"workload_and_data_s": time.perf_counter() - clock}
 
     rdb = storage.open_storage(options.storage)
-    study, settings, search = _open_study(rdb, study_name, options, workload, hw, info,
-                                          probe_inputs(cache))
-    constraints = Constraints.from_dict(study.user_attrs.get("constraints", {}))
-    progress = progress or Progress(options.trials)
     runner = TrialRunner(preload=_modules_of(workload, ref))
     env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
            ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
     threads = options.threads or hw.cores
 
     def spec(role: str, number: int, knobs: space.Knobs, train_baseline: bool = False) -> TrialSpec:
+        # ``settings`` is the study's, bound by _open_study below before any spec is made.
         return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
                          device=hw.device, threads=threads, env=env,
-                         train_baseline=train_baseline, keep=workload.keep)
+                         train_baseline=train_baseline, keep=workload.keep,
+                         memory_limit_mb=options.trial_memory_mb)
 
-    clock = time.perf_counter()
-    baseline = _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,
-                                settings)
-    setup["baseline_s"] = time.perf_counter() - clock
+    # One worker at a time creates (or checks) the study and trains its baseline: workers
+    # starting together wait here, then find both done.
+    with storage.lock(options.storage, f"study:{study_name}"):
+        study, settings, search = _open_study(rdb, study_name, options, workload, hw, info,
+                                              probe_inputs(cache))
+        progress = progress or Progress(options.trials)
+        clock = time.perf_counter()
+        with storage.local_lock(cache):
+            baseline = _ensure_baseline(study, rdb, workload, cache, spec, runner, options,
+                                        progress, settings)
+        setup["baseline_s"] = time.perf_counter() - clock
+    constraints = Constraints.from_dict(study.user_attrs.get("constraints", {}))
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
     try:

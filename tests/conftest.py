@@ -61,6 +61,23 @@ def _threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback for this test session (see tests/postgres.py)."""
+    import os
+
+    from postgres import Server, bin_dir
+
+    found = bin_dir()
+    if found is None:
+        if os.environ.get("ADVISOR_REQUIRE_POSTGRES"):
+            pytest.fail("ADVISOR_REQUIRE_POSTGRES is set but no PostgreSQL server binaries were found")
+        pytest.skip("needs PostgreSQL server binaries (initdb, pg_ctl); .ci/run has them")
+    server = Server(found)
+    yield server
+    server.stop()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

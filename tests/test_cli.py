@@ -50,6 +50,7 @@ BAD_RUNS = [
     (["--model", "workloads:tensor_mlp", "--try", "quantization=qat-int8,checkpoint_every=1"],
      "qat-int8 fine-tunes a traced fp32 graph with fake quantization"),
     (["--max-size-mb", "-1"], "--max-size-mb must be > 0; got -1"),
+    (["--trial-memory-mb", "0"], "--trial-memory-mb must be > 0 MiB; got 0"),
     (["--max-accuracy-drop", "lots"], "argument --max-accuracy-drop: invalid float value: 'lots'"),
     (["--model", "workloads:tensor_mlp", "--max-latency-ms", "5"],
      "study 'tensor-mlp' runs without --max-latency-ms; this run asks for 5. Drop --max-latency-ms"),

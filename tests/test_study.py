@@ -115,6 +115,23 @@ def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir
     assert "injected fault" in shown and "aborted (SIGABRT)" in shown
 
 
+def test_nan_loss_and_a_memory_limit_become_failed_trials_with_their_reasons(workdir):
+    options = {"storage": storage.DEFAULT_URL, **FAST}
+    # UnstableMLP: NaN loss at micro-batch 8 (accumulation 2), 4 GiB at 4 (accumulation 4).
+    enqueue = [{**KNOBS, "accumulation": a} for a in (2, 4, 1)]
+    result = advisor.run("workloads:unstable", trials=3, progress=False, enqueue=enqueue,
+                         trial_memory_mb=512, **options)
+    assert result.completed == 1 and result.failed == 2
+    trials = {t.params["accumulation"]: t for t in load("unstable").trials}
+    reasons = {a: t.user_attrs.get("failure", {}).get("reason", "") for a, t in trials.items()}
+    assert reasons[2] == "the training loss became nan (diverged)"
+    assert reasons[4].startswith("out of memory (--trial-memory-mb 512): ")
+    assert "can't allocate memory" in reasons[4]
+    assert trials[1].state == TrialState.COMPLETE
+    shown = advisor.show("unstable")
+    assert "diverged" in shown and "out of memory (--trial-memory-mb 512)" in shown
+
+
 def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
     advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)

@@ -141,6 +141,23 @@ class FaultyMLP(MLP):
         return super().forward(x)
 
 
+class UnstableMLP(MLP):
+    """Trains normally at micro-batch 16; its loss is NaN at 8; it allocates 4 GiB at 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training and x.shape[0] == 8:
+            return out * float("nan")
+        if self.training and x.shape[0] == 4:
+            self.hog = torch.ones(1024 ** 3)  # 4 GiB: past any --trial-memory-mb a test sets
+        return out
+
+
+def unstable() -> advisor.Workload:
+    torch.manual_seed(0)
+    return _workload(UnstableMLP(), *data(), name="unstable")
+
+
 def faulty() -> advisor.Workload:
     torch.manual_seed(0)
     return _workload(FaultyMLP(), *data(), name="faulty")

@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a trial running longer is stopped and recorded as failed (default 600)")
+    p.add_argument("--trial-memory-mb", type=float, metavar="MIB",
+                   help="memory a trial may allocate beyond what its process starts with (CPU: "
+                        "an address-space limit; CUDA: a share of the device); past it the trial "
+                        "fails as out of memory and the study goes on (default: no limit)")
     p.add_argument("--trial-steps", type=int, metavar="N",
                    help="optimizer steps of each trial's fine-tune (default 60)")
     p.add_argument("--baseline-steps", type=int, metavar="N",

@@ -75,3 +75,4 @@ class TrialSpec:
     train_baseline: bool = False  # role "baseline": train before measuring
     spawned_at: float = 0.0  # wall clock when the parent started the process
     keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)
+    memory_limit_mb: float | None = None  # --trial-memory-mb: see worker.limit_memory

@@ -67,25 +67,50 @@ def main(spec: TrialSpec, conn) -> None:
     os.close(fd)
     clock = _PhaseClock(conn, started)
     try:
+        limit_memory(spec)
         result = run(spec, clock)
         result["phases"] = clock.durations()
         result["phases"]["start"] = max(0.0, started - spec.spawned_at) if spec.spawned_at else 0.0
         conn.send(("result", result))
     except BaseException as exc:  # everything becomes data for the study
         traceback.print_exc()
-        conn.send(("error", reason_of(exc), traceback.format_exc(), clock.current))
+        conn.send(("error", reason_of(exc, spec.memory_limit_mb), traceback.format_exc(), clock.current))
     finally:
         conn.close()
 
 
-def reason_of(exc: BaseException) -> str:
+def limit_memory(spec: TrialSpec) -> None:
+    """Cap the trial's memory at ``spec.memory_limit_mb`` MiB above what it holds now.
+
+    CPU: the address-space limit (``RLIMIT_AS``) is set above the process's current virtual
+    size, so the fork server's imports are not charged; an allocation past it fails in the
+    trial, which is then recorded as out of memory. CUDA: the caching allocator's
+    per-process fraction of the device (the host limit would break the CUDA context).
+    """
+    if not spec.memory_limit_mb:
+        return
+    extra = int(spec.memory_limit_mb * 1024 * 1024)
+    if spec.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, extra / total), 0)
+        return
+    import resource
+
+    current = measure._status_kib("VmSize") * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = current + extra
+    resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def reason_of(exc: BaseException, memory_limit_mb: float | None = None) -> str:
     if isinstance(exc, (AdvisorError, TrainingDiverged)):
         return str(exc)
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"out of memory: {str(exc).splitlines()[0]}"
+    limit = f" (--trial-memory-mb {memory_limit_mb:g})" if memory_limit_mb else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in message:
+        return f"out of memory{limit}: {message or type(exc).__name__}"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}{where}"
 
 
