@@ -124,9 +124,8 @@ def study_report(study: optuna.Study, goal: str = "balanced",
         out.append("")
         out.append("Failed trials:")
         for t in failed:
-            failure = t.user_attrs.get("failure", {})
             out.append(f"  #{t.number} {Knobs.from_dict(t.params).describe()}"
-                       f" -> {failure.get('reason', 'no reason recorded')}")
+                       f" -> {failure_reason(t, trials)}")
     excluded = attrs.get("space", {}).get("excluded", [])
     if excluded:
         out.append("")
@@ -134,6 +133,19 @@ def study_report(study: optuna.Study, goal: str = "balanced",
         for e in excluded:
             out.append(f"  {e['knob']}={e['value']}: {e['reason']}")
     return "\n".join(out)
+
+
+def failure_reason(trial: FrozenTrial, trials: list[FrozenTrial]) -> str:
+    """Why a trial failed: what its process reported, or, for a trial whose worker died,
+    that its heartbeat stopped (and which trial retried its knobs)."""
+    reason = trial.user_attrs.get("failure", {}).get("reason")
+    if reason:
+        return reason
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retry = next((t.number for t in trials if t.number > trial.number and retried(t) == trial.number), None)
+    if retry is not None:
+        return f"its worker stopped sending heartbeats (killed or lost); retried as #{retry}"
+    return "no reason recorded (its worker stopped without reporting one: killed, or lost)"
 
 
 def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> str:

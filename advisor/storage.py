@@ -54,8 +54,14 @@ def display(url: str) -> str:
         return "<malformed URL>"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Connect to (and, for a new SQLite file, create) the study storage."""
+def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.RDBStorage:
+    """Connect to (and, for a new SQLite file, create) the study storage.
+
+    With ``heartbeat_s``, the storage of a worker: its running trial records a heartbeat
+    every ``heartbeat_s`` seconds, and a trial whose heartbeat is older than twice that (its
+    worker was killed) is failed by the next worker that asks for a trial and retried once
+    with the same knobs (Optuna's ``fail_stale_trials`` and ``RetryHeartbeatStaleTrialCallback``).
+    """
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         # Several workers may open a new database at once: create the schema one at a time.
         with lock(url, "schema"):
-            storage = optuna.storages.RDBStorage(url)
+            beats = {} if heartbeat_s is None else {
+                "heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
+                "heartbeat_stale_trial_callback":
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            storage = optuna.storages.RDBStorage(url, **beats)
             with storage.engine.begin() as connection:
                 _metadata.create_all(connection, checkfirst=True)
     except (NoSuchModuleError, ImportError, ModuleNotFoundError) as exc:

@@ -65,6 +65,7 @@ class RunOptions:
     device: str = "auto"
     trial_timeout: float = 600.0
     trial_memory_mb: float | None = None  # a trial allocating more fails as out of memory
+    heartbeat: int = 10  # seconds between a running trial's heartbeats (see storage.open_storage)
     cache_dir: str = "studies/cache"
     threads: int | None = None
     # Measurement settings: None takes the study's stored value (or the default when new).
@@ -104,6 +105,8 @@ def _check_options(options: RunOptions) -> None:
             f"--sampler must be one of {', '.join(SAMPLERS)}; got {options.sampler!r}")
     if not options.trial_timeout > 0:
         raise AdvisorError(f"--trial-timeout must be > 0 seconds; got {options.trial_timeout!r}")
+    if isinstance(options.heartbeat, bool) or not isinstance(options.heartbeat, int) or options.heartbeat < 1:
+        raise AdvisorError(f"--heartbeat must be a positive number of seconds; got {options.heartbeat!r}")
     if options.trial_memory_mb is not None and not options.trial_memory_mb > 0:
         raise AdvisorError(f"--trial-memory-mb must be > 0 MiB; got {options.trial_memory_mb!r}")
     if options.threads is not None and options.threads < 1:
@@ -293,7 +296,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
         info = prepare_cache(workload, ref, cache)
     setup = {"workload_and_data_s": time.perf_counter() - clock}
 
-    rdb = storage.open_storage(options.storage)
+    rdb = storage.open_storage(options.storage, heartbeat_s=options.heartbeat)
     runner = TrialRunner(preload=_modules_of(workload, ref))
     env = (("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor")),
            ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
@@ -322,7 +325,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
     try:
-        _run_trials(study, search, runner, spec, options, progress, result, constraints)
+        _run_trials(study, rdb, search, runner, spec, options, progress, result, constraints)
     finally:
         result.front = [t.number for t in study.best_trials]
     return result
@@ -368,19 +371,26 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
     return study, settings, search
 
 
-def _run_trials(study: optuna.Study, search: space.Space, runner: TrialRunner, spec,
+def _run_trials(study: optuna.Study, rdb: optuna.storages.RDBStorage, search: space.Space,
+                runner: TrialRunner, spec,
                 options: RunOptions, progress: Progress, result: RunResult,
                 constraints: Constraints) -> None:
     """Ask, run in a trial process, tell: ``options.trials`` times, or until Ctrl-C."""
     for i in range(1, options.trials + 1):
         t0 = time.perf_counter()
-        trial = study.ask()
+        # A trial whose worker died (no heartbeat for two intervals) is failed and queued again.
+        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for Study.optimize: here the trial loop
+            # records them itself (_with_heartbeat).
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            trial = study.ask()
         knobs = search.suggest(trial)
         t1 = time.perf_counter()
         progress.start(i, f"#{trial.number} {knobs.describe()}")
         try:
             outcome = runner.run(spec("trial", trial.number, knobs), options.trial_timeout,
-                                 on_tick=progress.tick)
+                                 on_tick=_with_heartbeat(rdb, trial, progress.tick))
         except KeyboardInterrupt:
             _store_outcome(trial, Outcome(ok=False, reason="interrupted"))
             study.tell(trial, state=TrialState.FAIL)
@@ -409,6 +419,21 @@ def _run_trials(study: optuna.Study, search: space.Space, runner: TrialRunner, s
             progress.finish(short_result(outcome.result), len(study.best_trials))
         else:
             progress.finish(f"FAILED: {outcome.reason}")
+
+
+def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):
+    """The runner's tick, also recording the trial's heartbeat at the storage's interval."""
+    interval = rdb.get_heartbeat_interval()
+    last = [0.0]
+
+    def on_tick(phase: str, elapsed: float) -> None:
+        now = time.monotonic()
+        if interval and now - last[0] >= interval:
+            rdb.record_heartbeat(trial._trial_id)
+            last[0] = now
+        tick(phase, elapsed)
+
+    return on_tick
 
 
 def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,

@@ -6,25 +6,29 @@ Real processes against a new SQLite file and a real PostgreSQL server (tests/pos
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import FAST_ARGS, cli, plain_args
+from conftest import FAST_ARGS, PLAIN, cli, plain_args
 
 TESTS = Path(__file__).resolve().parent
 
 
-def start_worker(workdir: Path, url: str, trials: int = 1) -> subprocess.Popen:
+def start_worker(workdir: Path, url: str, trials: int = 1, *extra: str,
+                 model: str = "workloads:tensor_mlp", study: str = "shared") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
-        [sys.executable, "-m", "advisor", "run", "--model", "workloads:tensor_mlp", "--study", "shared",
-         "--storage", url, "--trials", str(trials), *FAST_ARGS, *plain_args(trials)],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "advisor", "run", "--model", model, "--study", study,
+         "--storage", url, "--trials", str(trials), *FAST_ARGS, *(extra or plain_args(trials))],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own process group: the test kills it with its trial
 
 
 def run_together(workdir: Path, url: str, workers: int, trials: int) -> list[tuple[int, str, str]]:
@@ -70,3 +74,39 @@ def test_wrong_password_and_unreachable_server_get_one_line_without_the_password
     result = cli("studies", "--storage", closed)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "cannot open the storage" in result.err and "s3cret" not in result.err
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(workdir):
+    url = f"sqlite:///{workdir / 'killed.db'}"
+    (workdir / "hang.flag").write_text("")
+    # Accumulation 2 (micro-batch 8) hangs while hang.flag exists; the baseline (16) does not.
+    hanging = ",".join(f"{k}={v}" for k, v in {**PLAIN, "accumulation": 2}.items())
+    first = start_worker(workdir, url, 1, "--heartbeat", "1", "--try", hanging,
+                         model="workloads:hang_when_flagged", study="killed")
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            names = optuna.get_all_study_names(storage)
+            study = optuna.load_study(study_name="killed", storage=storage) if names else None
+            if study and study.get_trials(states=[TrialState.RUNNING]):
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.5)
+        time.sleep(2)  # a heartbeat or two recorded while it hangs
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate(timeout=30)  # reaps it and closes its pipes
+        (workdir / "hang.flag").unlink()
+        time.sleep(4)  # past the grace period (2 heartbeats; the storage keeps whole seconds)
+        second = start_worker(workdir, url, 1, "--heartbeat", "1", "--sampler", "random",
+                              model="workloads:hang_when_flagged", study="killed")
+        code, (out, err) = second.wait(timeout=300), second.communicate()
+        assert code == 0, err[-2000:]
+        trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params, "the retry runs the killed trial's knobs"
+    assert "#0 fp32 accum=2" in out and "its worker stopped sending heartbeats (killed or lost); " \
+        "retried as #1" in out

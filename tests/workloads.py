@@ -153,6 +153,20 @@ class UnstableMLP(MLP):
         return out
 
 
+class HangWhenFlagged(MLP):
+    """Hangs at micro-batch 8 while a file ``hang.flag`` exists in the working directory."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        while self.training and x.shape[0] == 8 and os.path.exists("hang.flag"):
+            time.sleep(0.1)
+        return super().forward(x)
+
+
+def hang_when_flagged() -> advisor.Workload:
+    torch.manual_seed(0)
+    return _workload(HangWhenFlagged(), *data(), name="hang-when-flagged")
+
+
 def unstable() -> advisor.Workload:
     torch.manual_seed(0)
     return _workload(UnstableMLP(), *data(), name="unstable")

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a trial running longer is stopped and recorded as failed (default 600)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
+                   help="a running trial records a heartbeat this often; one silent for twice "
+                        "as long (its worker was killed) is failed and retried once (default 10)")
     p.add_argument("--trial-memory-mb", type=float, metavar="MIB",
                    help="memory a trial may allocate beyond what its process starts with (CPU: "
                         "an address-space limit; CUDA: a share of the device); past it the trial "

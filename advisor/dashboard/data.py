@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from advisor import recommend
 from advisor.objectives import OBJECTIVES
 from advisor.recommend import Constraints, Recommendation
+from advisor.report import failure_reason
 from advisor.space import Knobs
 
 STATUSES = ("front", "dominated", "infeasible", "failed")
@@ -105,16 +106,16 @@ def trials(study: optuna.Study, constraints: Constraints, rec: Recommendation | 
     front = {c.number for c in recommend.pareto(feasible)}
     feasible_numbers = {c.number for c in feasible}
     points, failed = [], []
-    for t in study.get_trials(deepcopy=False):
+    all_trials = study.get_trials(deepcopy=False)
+    for t in all_trials:
         if t.state == TrialState.COMPLETE and "result" in t.user_attrs:
             points.append(Point(t.number, status_of(t, front, feasible_numbers),
                                 dict(t.user_attrs["result"]["metrics"]),
                                 Knobs.from_dict(t.params).to_dict()))
         elif t.state in (TrialState.FAIL, TrialState.RUNNING):
             failure = t.user_attrs.get("failure", {})
-            failed.append({"number": t.number, "knobs": _describe(t.params),
-                           "reason": failure.get("reason", "running" if t.state == TrialState.RUNNING
-                                                 else "no reason recorded"),
+            reason = "running" if t.state == TrialState.RUNNING else failure_reason(t, all_trials)
+            failed.append({"number": t.number, "knobs": _describe(t.params), "reason": reason,
                            "phase": failure.get("phase", "")})
     empty = "" if points else (f"no completed trial yet ({len(failed)} failed)" if failed
                                else "no trial yet")
@@ -166,14 +167,15 @@ def table(study: optuna.Study, constraints: Constraints) -> list[Row]:
     feasible_numbers = {c.number for c in recommend.candidates(study)
                         if not base or not recommend.misses(c, base, constraints)}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    all_trials = study.get_trials(deepcopy=False)
+    for t in all_trials:
         result = t.user_attrs.get("result")
         metrics = dict(result["metrics"]) if t.state == TrialState.COMPLETE and result else {}
         state = t.state.name.lower()
         if metrics and t.number not in feasible_numbers:
             state = "infeasible"
         ratios = {k: v / base[k] for k, v in metrics.items() if base.get(k)}
-        reason = t.user_attrs.get("failure", {}).get("reason", "") if t.state == TrialState.FAIL else ""
+        reason = failure_reason(t, all_trials) if t.state == TrialState.FAIL else ""
         rows.append(Row(t.number, state, _describe(t.params), metrics, ratios, reason))
     return rows
 
