@@ -7,6 +7,7 @@ the baseline), so ``advisor run`` and ``advisor show`` print the same thing.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -237,6 +238,13 @@ def short_result(result: dict) -> str:
             f"mem {m['memory_mib']:.3g} MiB  size {m['size_mib']:.3g} MiB")
 
 
+def _locked(method):
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Progress:
     """One live status line on a terminal, one permanent line per finished trial."""
 
@@ -248,6 +256,7 @@ class Progress:
         self.front = 0
         self.current = ""
         self._last_draw = 0.0
+        self._lock = threading.RLock()  # worker threads report at once
 
     def _clock(self) -> str:
         s = int(time.time() - self.began)
@@ -265,13 +274,16 @@ class Progress:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+    @_locked
     def message(self, text: str) -> None:
         self._write_line(text)
 
+    @_locked
     def start(self, index: int, label: str) -> None:
         self.current = f"[{index}/{self.total}] {label}"
         self._write_status(f"{self.current} | {self._clock()} | front {self.front} | starting")
 
+    @_locked
     def tick(self, phase: str, elapsed: float) -> None:
         now = time.time()
         if now - self._last_draw < 0.5:
@@ -280,6 +292,7 @@ class Progress:
         self._write_status(f"{self.current} | {self._clock()} | front {self.front} | "
                            f"{phase} {elapsed:.0f}s")
 
+    @_locked
     def finish(self, summary: str, front: int | None = None) -> None:
         if front is not None:
             self.front = front

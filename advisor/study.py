@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,8 @@ class RunOptions:
     trial_timeout: float = 600.0
     trial_memory_mb: float | None = None  # a trial allocating more fails as out of memory
     heartbeat: int = 10  # seconds between a running trial's heartbeats (see storage.open_storage)
+    workers: int = 1  # trials run at once by this run, each on its own cores or GPU
+    study_trials: int | None = None  # stop when the study holds this many trials (all workers)
     cache_dir: str = "studies/cache"
     threads: int | None = None
     # Measurement settings: None takes the study's stored value (or the default when new).
@@ -95,6 +99,7 @@ class RunResult:
     # Per trial, where the wall time went: sampler, trial process, storage writes.
     timings: list[dict] = field(default_factory=list)
     setup_s: dict = field(default_factory=dict)
+    loop_s: float = 0.0  # wall time of the trial loop (all workers), after the baseline
 
 
 def _check_options(options: RunOptions) -> None:
@@ -105,6 +110,10 @@ def _check_options(options: RunOptions) -> None:
             f"--sampler must be one of {', '.join(SAMPLERS)}; got {options.sampler!r}")
     if not options.trial_timeout > 0:
         raise AdvisorError(f"--trial-timeout must be > 0 seconds; got {options.trial_timeout!r}")
+    for name in ("workers", "study_trials"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise AdvisorError(f"{flag(name)} must be a positive integer; got {value!r}")
     if isinstance(options.heartbeat, bool) or not isinstance(options.heartbeat, int) or options.heartbeat < 1:
         raise AdvisorError(f"--heartbeat must be a positive number of seconds; got {options.heartbeat!r}")
     if options.trial_memory_mb is not None and not options.trial_memory_mb > 0:
@@ -302,13 +311,15 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
            ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
     threads = options.threads or hw.cores
 
-    def spec(role: str, number: int, knobs: space.Knobs, train_baseline: bool = False) -> TrialSpec:
+    def spec(role: str, number: int, knobs: space.Knobs, train_baseline: bool = False,
+             slot: Slot | None = None) -> TrialSpec:
         # ``settings`` is the study's, bound by _open_study below before any spec is made.
+        slot = slot or Slot(0, 1)
         return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
-                         device=hw.device, threads=threads, env=env,
+                         device=hw.device, threads=len(slot.cpus) or threads, env=env + slot.env,
                          train_baseline=train_baseline, keep=workload.keep,
-                         memory_limit_mb=options.trial_memory_mb)
+                         memory_limit_mb=options.trial_memory_mb, cpus=slot.cpus)
 
     # One worker at a time creates (or checks) the study and trains its baseline: workers
     # starting together wait here, then find both done.
@@ -324,9 +335,12 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     constraints = Constraints.from_dict(study.user_attrs.get("constraints", {}))
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
+    loop = _Loop(study, rdb, search, runner, spec, options, progress, result, constraints)
+    began = time.perf_counter()
     try:
-        _run_trials(study, rdb, search, runner, spec, options, progress, result, constraints)
+        _run_trials(loop, slots(options.workers, hw))
     finally:
+        result.loop_s = time.perf_counter() - began
         result.front = [t.number for t in study.best_trials]
     return result
 
@@ -371,54 +385,158 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
     return study, settings, search
 
 
-def _run_trials(study: optuna.Study, rdb: optuna.storages.RDBStorage, search: space.Space,
-                runner: TrialRunner, spec,
-                options: RunOptions, progress: Progress, result: RunResult,
-                constraints: Constraints) -> None:
-    """Ask, run in a trial process, tell: ``options.trials`` times, or until Ctrl-C."""
-    for i in range(1, options.trials + 1):
-        t0 = time.perf_counter()
+@dataclass(frozen=True)
+class Slot:
+    """Where one local worker runs its trials: its CPU cores, or its GPU."""
+
+    index: int
+    of: int
+    cpus: tuple[int, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"worker": self.index, "workers": self.of, "cpus": list(self.cpus),
+                **dict(self.env)}
+
+
+def slots(workers: int, hw: hardware.Hardware) -> list[Slot]:
+    """Split this machine between ``workers``: on CUDA one GPU each (round robin when there
+    are more workers than GPUs), on CPU a disjoint set of cores each, so no trial is timed on
+    cores another trial is training on."""
+    if workers == 1:
+        return [Slot(0, 1)]
+    if hw.device == "cuda":
+        gpus = max(1, torch.cuda.device_count())
+        return [Slot(i, workers, env=(("CUDA_VISIBLE_DEVICES", str(i % gpus)),)) for i in range(workers)]
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        raise AdvisorError(f"--workers {workers} needs at least that many CPU cores; this machine "
+                           f"gives the advisor {len(cores)}")
+    share = len(cores) // workers
+    return [Slot(i, workers, cpus=tuple(cores[i * share:(i + 1) * share])) for i in range(workers)]
+
+
+@dataclass
+class _Loop:
+    """What the worker threads of one run share; ``lock`` guards the study and the counts."""
+
+    study: optuna.Study
+    rdb: optuna.storages.RDBStorage
+    search: space.Space
+    runner: TrialRunner
+    spec: Callable
+    options: RunOptions
+    progress: Progress
+    result: RunResult
+    constraints: Constraints
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: int = 0
+
+
+def _run_trials(loop: _Loop, worker_slots: list[Slot]) -> None:
+    """Ask, run in a trial process, tell, on each worker's slot, until this run's
+    ``--trials`` (or the study's ``--study-trials``) are reached, or Ctrl-C."""
+    done = threading.Semaphore(0)
+
+    def work(slot: Slot) -> None:
+        try:
+            _worker(loop, slot)
+        finally:
+            done.release()
+
+    for slot in worker_slots:
+        threading.Thread(target=work, args=(slot,), name=f"advisor-worker-{slot.index}", daemon=True).start()
+    # Wait on a semaphore, not Thread.join: a join interrupted by Ctrl-C can leave the thread
+    # marked finished on Python 3.11, and a later join would then return at once.
+    finished = 0
+    try:
+        while finished < len(worker_slots):
+            if done.acquire(timeout=0.2):
+                finished += 1
+    except KeyboardInterrupt:
+        # The workers stop their running trials, store them as "interrupted" and return.
+        loop.stop.set()
+        loop.result.interrupted = True
+        while finished < len(worker_slots):
+            done.acquire()
+            finished += 1
+
+
+def _next_trial(loop: _Loop) -> tuple[optuna.Trial, space.Knobs, int] | None:
+    """The next trial to run, or None when the budget is spent; under ``loop.lock``."""
+    options, study = loop.options, loop.study
+    if loop.stop.is_set() or loop.started >= options.trials:
+        return None
+
+    def ask():
         # A trial whose worker died (no heartbeat for two intervals) is failed and queued again.
         optuna.storages.fail_stale_trials(study)
         with warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for Study.optimize: here the trial loop
             # records them itself (_with_heartbeat).
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
-            trial = study.ask()
-        knobs = search.suggest(trial)
-        t1 = time.perf_counter()
-        progress.start(i, f"#{trial.number} {knobs.describe()}")
-        try:
-            outcome = runner.run(spec("trial", trial.number, knobs), options.trial_timeout,
-                                 on_tick=_with_heartbeat(rdb, trial, progress.tick))
-        except KeyboardInterrupt:
-            _store_outcome(trial, Outcome(ok=False, reason="interrupted"))
-            study.tell(trial, state=TrialState.FAIL)
-            progress.finish("interrupted")
-            result.interrupted = True
+            return study.ask()
+
+    if options.study_trials is not None:
+        # Counting and asking under the storage's lock: workers on every machine share it.
+        with storage.lock(options.storage, f"budget:{study.study_name}"):
+            held = study.get_trials(deepcopy=False, states=BUDGET_STATES)
+            if len(held) >= options.study_trials:
+                return None
+            trial = ask()
+    else:
+        trial = ask()
+    loop.started += 1
+    return trial, loop.search.suggest(trial), loop.started
+
+
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _worker(loop: _Loop, slot: Slot) -> None:
+    study, result, progress = loop.study, loop.result, loop.progress
+    while True:
+        t0 = time.perf_counter()
+        with loop.lock:
+            taken = _next_trial(loop)
+        if taken is None:
             return
+        trial, knobs, i = taken
+        t1 = time.perf_counter()
+        if slot.of > 1:
+            trial.set_user_attr("worker", slot.to_dict())
+        progress.start(i, f"#{trial.number} {knobs.describe()}")
+        outcome = loop.runner.run(loop.spec("trial", trial.number, knobs, slot=slot),
+                                  loop.options.trial_timeout,
+                                  on_tick=_with_heartbeat(loop.rdb, trial, progress.tick), stop=loop.stop)
         t2 = time.perf_counter()
-        _store_outcome(trial, outcome)
-        if outcome.ok:
-            # Constraints go to Optuna before tell, so its samplers learn what is feasible.
-            for key, value in constraints.values(outcome.result["metrics"],
-                                                 result.baseline["metrics"]).items():
-                trial.set_constraint(key, value)
-            study.tell(trial, objectives.values(outcome.result["metrics"]))
-            result.completed += 1
-        else:
-            study.tell(trial, state=TrialState.FAIL)
-            result.failed += 1
+        if loop.stop.is_set() and not outcome.ok:
+            # Ctrl-C reaches the trial process too: whatever it reported, it was interrupted.
+            outcome = Outcome(ok=False, reason="interrupted", phase=outcome.phase)
+        with loop.lock:
+            _store_outcome(trial, outcome)
+            if outcome.ok:
+                # Constraints go to Optuna before tell, so its samplers learn what is feasible.
+                for key, value in loop.constraints.values(outcome.result["metrics"],
+                                                          result.baseline["metrics"]).items():
+                    trial.set_constraint(key, value)
+                study.tell(trial, objectives.values(outcome.result["metrics"]))
+                result.completed += 1
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+                result.failed += 1
+            front = len(study.best_trials) if outcome.ok else None
         t3 = time.perf_counter()
         result.timings.append({
-            "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok,
+            "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok, "worker": slot.index,
             "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
             "phases": (outcome.result or {}).get("phases", {}),
         })
         if outcome.ok:
-            progress.finish(short_result(outcome.result), len(study.best_trials))
+            progress.finish(short_result(outcome.result), front)
         else:
-            progress.finish(f"FAILED: {outcome.reason}")
+            progress.finish("interrupted" if outcome.reason == "interrupted" else f"FAILED: {outcome.reason}")
 
 
 def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):

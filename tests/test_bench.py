@@ -36,3 +36,15 @@ def test_knobs_benchmark_changes_one_knob_per_row(workdir, monkeypatch):
     assert "needs CUDA" in report["rows"][-1]["reason"]
     assert report["rows"][0]["throughput"]["ratio"] == 1.0
     assert "quantization=int8-dynamic" in bench.render_knobs(report)
+
+
+def test_workers_benchmark_runs_the_same_trials_with_one_and_two_workers(workdir):
+    from advisor import bench
+
+    report = bench.workers(trials=2, trial_steps=4, baseline_steps=10, latency_seconds=0.05)
+    assert [r["workers"] for r in report["rows"]] == [1, 2]
+    for r in report["rows"]:
+        assert r["trials"] == r["completed"] == 2
+        assert 0 < r["storage_wait_share"] < r["busy_share"] <= 1.0 + 1e-6
+    assert report["rows"][0]["speedup"] == 1.0
+    assert "trials/hour" in bench.render_workers(report)

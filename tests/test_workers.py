@@ -31,12 +31,12 @@ def start_worker(workdir: Path, url: str, trials: int = 1, *extra: str,
         start_new_session=True)  # its own process group: the test kills it with its trial
 
 
-def run_together(workdir: Path, url: str, workers: int, trials: int) -> list[tuple[int, str, str]]:
-    procs = [start_worker(workdir, url, trials) for _ in range(workers)]
+def run_together(workdir: Path, url: str, workers: int, trials: int, *extra: str) -> list[tuple[int, str, str]]:
+    procs = [start_worker(workdir, url, trials, *extra) for _ in range(workers)]
     return [(p.wait(timeout=600), *p.communicate()) for p in procs]
 
 
-def check_shared_study(url: str, outcomes, expected: int) -> None:
+def check_shared_study(url: str, outcomes, expected: int) -> list:
     for code, _, err in outcomes:
         assert code == 0, err[-2000:]
     storage = optuna.storages.RDBStorage(url)
@@ -45,11 +45,13 @@ def check_shared_study(url: str, outcomes, expected: int) -> None:
         names = optuna.get_all_study_names(storage)
     finally:
         storage.engine.dispose()  # close the pooled connections (psycopg warns otherwise)
+    trials = [t for t in trials if t.state != TrialState.WAITING]  # knobs queued but not needed
     assert [t.state for t in trials].count(TrialState.COMPLETE) == expected == len(trials)
     assert sorted(t.number for t in trials) == list(range(expected)), "no duplicated trial numbers"
     trained = [err for _, _, err in outcomes if "training and measuring the baseline" in err]
     assert len(trained) == 1, "the baseline is trained once, by one worker"
     assert names == ["shared"], "the study was created once"
+    return trials
 
 
 @pytest.mark.slow
@@ -59,9 +61,20 @@ def test_four_workers_start_together_on_a_new_sqlite_file(workdir):
 
 
 @pytest.mark.slow
-def test_two_workers_start_together_on_a_new_postgresql_database(workdir, postgres):
+def test_two_processes_with_two_workers_each_on_a_new_postgresql_database(workdir, postgres):
     url = postgres.create_database("advisor_two_workers")
-    check_shared_study(url, run_together(workdir, url, workers=2, trials=2), expected=4)
+    outcomes = run_together(workdir, url, 2, 3, "--workers", "2", *plain_args(3))
+    trials = check_shared_study(url, outcomes, expected=6)
+    # Each process ran its trials on two workers, each on its own core of this machine.
+    cpus = {tuple(t.user_attrs["worker"]["cpus"]) for t in trials}
+    assert len(cpus) == 2 and all(len(c) == 1 for c in cpus)
+
+
+@pytest.mark.slow
+def test_a_study_wide_budget_is_shared_by_every_worker(workdir):
+    url = f"sqlite:///{workdir / 'budget.db'}"
+    outcomes = run_together(workdir, url, 2, 10, "--workers", "2", "--study-trials", "5", *plain_args(3))
+    check_shared_study(url, outcomes, expected=5)
 
 
 def test_wrong_password_and_unreachable_server_get_one_line_without_the_password(workdir, postgres):

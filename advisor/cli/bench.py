@@ -31,6 +31,11 @@ def register(sub) -> None:
     k.add_argument("--json", default="studies/bench-knobs.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-knobs.json)")
     k.set_defaults(handler=knobs)
+    w = which.add_parser("workers", help="trials per hour with 1 and 2 local workers")
+    w.add_argument("--trials", type=int, default=8, help="trials per run (default 8)")
+    w.add_argument("--json", default="studies/bench-workers.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-workers.json)")
+    w.set_defaults(handler=workers)
 
 
 def _write(path: str, report: dict) -> None:
@@ -55,5 +60,14 @@ def knobs(args: argparse.Namespace) -> int:
     report = bench.one_at_a_time(args.model, args.device, trial_timeout=args.trial_timeout,
                                  **settings)
     print(bench.render_knobs(report))
+    _write(args.json, report)
+    return 0
+
+
+def workers(args: argparse.Namespace) -> int:
+    if args.trials < 1:
+        raise AdvisorError(f"--trials must be a positive integer; got {args.trials}")
+    report = bench.workers(trials=args.trials)
+    print(bench.render_workers(report))
     _write(args.json, report)
     return 0

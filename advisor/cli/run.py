@@ -23,6 +23,12 @@ def register(sub) -> None:
     p.add_argument("--data", metavar="MODULE:FUNCTION",
                    help="function returning (train, val) datasets, when --model returns a bare Module")
     p.add_argument("--trials", type=int, default=20, help="trials to add in this run (default 20)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="trials to run at once on this machine, each on its own CPU cores (or GPU); "
+                        "this run's --trials are shared among them (default 1)")
+    p.add_argument("--study-trials", type=int, metavar="N",
+                   help="also stop when the study holds N trials, counting every worker's on every "
+                        "machine: the budget of a study shared by several advisor run processes")
     p.add_argument("--study", help="study name (default: the workload's name)")
     p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
                    help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")

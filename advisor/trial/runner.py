@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -57,7 +58,9 @@ class TrialRunner:
         self.ctx.set_forkserver_preload(PRELOAD + list(preload or []))
 
     def run(self, spec: TrialSpec, timeout: float,
-            on_tick: Callable[[str, float], None] | None = None) -> Outcome:
+            on_tick: Callable[[str, float], None] | None = None,
+            stop: threading.Event | None = None) -> Outcome:
+        """Run ``spec`` in a new process; ``stop`` (set on Ctrl-C) ends it as "interrupted"."""
         from advisor.trial import worker
 
         began = time.time()
@@ -84,6 +87,9 @@ class TrialRunner:
                         outcome = Outcome(ok=False, reason=reason, traceback=tb, phase=phase)
                 elif not process.is_alive() and not receiver.poll(0):
                     break
+                if outcome is None and stop is not None and stop.is_set():
+                    process.kill()
+                    outcome = Outcome(ok=False, phase=phase, reason="interrupted")
                 if outcome is None and time.time() - began > timeout:
                     process.kill()
                     outcome = Outcome(ok=False, phase=phase,

@@ -76,3 +76,4 @@ class TrialSpec:
     spawned_at: float = 0.0  # wall clock when the parent started the process
     keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)
     memory_limit_mb: float | None = None  # --trial-memory-mb: see worker.limit_memory
+    cpus: tuple[int, ...] = ()  # with --workers: the cores this trial's process may run on

@@ -67,6 +67,8 @@ def main(spec: TrialSpec, conn) -> None:
     os.close(fd)
     clock = _PhaseClock(conn, started)
     try:
+        if spec.cpus:
+            os.sched_setaffinity(0, spec.cpus)
         limit_memory(spec)
         result = run(spec, clock)
         result["phases"] = clock.durations()
