@@ -55,9 +55,10 @@ def check_shared_study(url: str, outcomes, expected: int) -> list:
 
 
 @pytest.mark.slow
-def test_four_workers_start_together_on_a_new_sqlite_file(workdir):
+def test_four_processes_with_two_workers_each_on_a_new_sqlite_file(workdir):
     url = f"sqlite:///{workdir / 'new.db'}"
-    check_shared_study(url, run_together(workdir, url, workers=4, trials=1), expected=4)
+    outcomes = run_together(workdir, url, 4, 2, "--workers", "2", *plain_args(2))
+    check_shared_study(url, outcomes, expected=8)
 
 
 @pytest.mark.slow
