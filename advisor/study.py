@@ -296,6 +296,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     _check_options(options)
     clock = time.perf_counter()
     hw = hardware.detect(options.device)
+    worker_slots = slots(options.workers, hw)
     ref = WorkloadRef(model=options.model or DEFAULT_MODEL, data=options.data, cwd=os.getcwd())
     workload = build(ref)
     study_name = options.study or workload.name
@@ -338,7 +339,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     loop = _Loop(study, rdb, search, runner, spec, options, progress, result, constraints)
     began = time.perf_counter()
     try:
-        _run_trials(loop, slots(options.workers, hw))
+        _run_trials(loop, worker_slots)
     finally:
         result.loop_s = time.perf_counter() - began
         result.front = [t.number for t in study.best_trials]
