@@ -138,3 +138,14 @@ def test_cuda_compression_runs_end_to_end_and_reports_its_artifact(knobs, tmp_pa
     result, artifact = run_in_process(spec, monkeypatch)
     assert result["size_bytes"] == os.path.getsize(artifact)
     assert result["metrics"]["latency_ms"] > 0 and 0 <= result["metrics"]["accuracy"] <= 1
+
+
+def test_cuda_trial_of_the_transformer_under_bf16_and_cuda_graphs(tmp_path, monkeypatch):
+    from test_compression import prepared_trial, run_in_process
+
+    spec = prepared_trial(tmp_path, "advisor.examples.vit:build",
+                          {"precision": "bf16", "compile": "reduce-overhead", "quantization": "int8-dynamic"},
+                          device="cuda")
+    result, artifact = run_in_process(spec, monkeypatch)
+    assert result["size_bytes"] == os.path.getsize(artifact)
+    assert result["memory"]["graph_pool_mib"] >= 0 and result["latency"]["median_ms"] > 0

@@ -17,6 +17,7 @@ A trial prunes the baseline before its fine-tune, which recovers accuracy.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -232,7 +233,11 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
 def _probe(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[str, ...]) -> str:
     """Why ``config`` cannot prune ``model`` ("" when it can), found on a CPU copy."""
     try:
-        apply(copy.deepcopy(model).cpu(), config, example, keep)
+        with warnings.catch_warnings():
+            # Torch-Pruning's notes on the model (unwrapped parameters...) belong in a trial's
+            # log, not on the terminal when a study opens.
+            warnings.filterwarnings("ignore", module="torch_pruning")
+            apply(copy.deepcopy(model).cpu(), config, example, keep)
     except PruningFailed as exc:
         return str(exc)
     return ""
