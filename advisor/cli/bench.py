@@ -12,7 +12,7 @@ from advisor.report import Progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: the advisor's overhead, one knob at a time",
+    p = sub.add_parser("bench", help="benchmarks: overhead, each technique alone, local workers",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "

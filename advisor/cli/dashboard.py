@@ -9,7 +9,7 @@ from advisor.cli import common
 
 
 def register(sub) -> None:
-    p = sub.add_parser("dashboard", help="write a study's HTML dashboard",
+    p = sub.add_parser("dashboard", help="write a study's dashboard (HTML)",
                        description="Write a study's dashboard (Pareto scatter matrix, parallel "
                        "coordinates, hypervolume, knob importance, all trials, the recommended "
                        "trial's profile) to one HTML file that opens offline.")
