@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,11 +70,13 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.RD
     try:
         # Several workers may open a new database at once: create the schema one at a time.
         with lock(url, "schema"):
-            beats = {} if heartbeat_s is None else {
-                "heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
-                "heartbeat_stale_trial_callback":
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-            storage = optuna.storages.RDBStorage(url, **beats)
+            with warnings.catch_warnings():  # heartbeats are experimental in Optuna: not the user's note
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                beats = {} if heartbeat_s is None else {
+                    "heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
+                    "heartbeat_stale_trial_callback":
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+                storage = optuna.storages.RDBStorage(url, **beats)
             with storage.engine.begin() as connection:
                 _metadata.create_all(connection, checkfirst=True)
     except (NoSuchModuleError, ImportError, ModuleNotFoundError) as exc:

@@ -471,12 +471,13 @@ def _next_trial(loop: _Loop) -> tuple[optuna.Trial, space.Knobs, int] | None:
         return None
 
     def ask():
-        # A trial whose worker died (no heartbeat for two intervals) is failed and queued again.
-        optuna.storages.fail_stale_trials(study)
         with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for Study.optimize: here the trial loop
-            # records them itself (_with_heartbeat).
+            # Heartbeats are an experimental Optuna feature, meant for Study.optimize: here
+            # the trial loop records them itself (_with_heartbeat). Neither note is the user's.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            # A trial whose worker died (no heartbeat for two intervals) is failed and queued again.
+            optuna.storages.fail_stale_trials(study)
             return study.ask()
 
     if options.study_trials is not None:
