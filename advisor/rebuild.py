@@ -25,6 +25,7 @@ from torch import nn
 
 from advisor import hardware, space
 from advisor import study as core
+from advisor.data import to_device
 from advisor.errors import AdvisorError
 from advisor.export import Config
 from advisor.techniques import checkpointing, precision
@@ -35,7 +36,7 @@ from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
 from advisor.trial import worker
 from advisor.trial.spec import Settings, TrialSpec
-from advisor.workload import WorkloadRef, build
+from advisor.workload import WorkloadRef, build, call_args
 
 
 @dataclass
@@ -147,9 +148,7 @@ def save(model: nn.Module, inputs, path: Path, knobs: dict) -> tuple[Path, str]:
     """Save the deployable model: a ``torch.export`` program, or where the model cannot be
     exported, its state dict with the knobs (``.pt`` beside the asked path)."""
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
-    inputs = _to(inputs, device)
-    args, kwargs = ((inputs,), {}) if isinstance(inputs, torch.Tensor) else \
-        (((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {}))
+    args, kwargs = call_args(to_device(inputs, device))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -165,14 +164,6 @@ def save(model: nn.Module, inputs, path: Path, knobs: dict) -> tuple[Path, str]:
         torch.save({"state_dict": model.state_dict(), "knobs": knobs,
                     "why_not_exported": f"{type(exc).__name__}: {first}"}, fallback)
         return fallback, f"state dict with the knobs (torch.export failed: {type(exc).__name__}: {first})"
-
-
-def _to(inputs, device):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return tuple(v.to(device) for v in inputs)
 
 
 @dataclass

@@ -218,6 +218,13 @@ def misses(candidate: Candidate, baseline: dict, constraints: Constraints) -> li
     return out
 
 
+def feasible(items: list[Candidate], baseline: dict | None, constraints: Constraints) -> list[Candidate]:
+    """The candidates that meet ``constraints`` (all of them before a baseline is measured)."""
+    if baseline is None:
+        return list(items)
+    return [c for c in items if not misses(c, baseline, constraints)]
+
+
 def _shortfall(candidate: Candidate, baseline: dict, constraints: Constraints) -> float:
     """How far from feasible, each miss relative to its limit (the accuracy drop to 1 point
     when the limit is 0)."""
@@ -231,21 +238,21 @@ def choose(items: list[Candidate], baseline: dict, constraints: Constraints,
         raise AdvisorError(f"--goal must be one of {', '.join(GOALS)}; got {goal!r}")
     if not items:
         raise AdvisorError("no completed trial to recommend from")
-    feasible = [c for c in items if not misses(c, baseline, constraints)]
-    if not feasible:
+    meeting = feasible(items, baseline, constraints)
+    if not meeting:
         nearest = min(items, key=lambda c: (_shortfall(c, baseline, constraints), _key(c.metrics)))
         return nearest, False, (f"no trial meets the constraints; #{nearest.number} is the nearest "
                                 f"to meeting them")
     if goal == "balanced":
-        front = pareto(feasible)
+        front = pareto(meeting)
         chosen, distance = knee(front, baseline)
-        return chosen, True, (f"the knee of the {len(front)}-point front of {len(feasible)} feasible "
+        return chosen, True, (f"the knee of the {len(front)}-point front of {len(meeting)} feasible "
                               f"trials: nearest the ideal point (distance {distance:.2f} in "
                               f"ratios to the baseline)")
     objective = _GOAL_OBJECTIVE[goal]
     word = "highest" if objective == "accuracy" else "lowest"
-    return best_for(feasible, objective), True, (
-        f"the {word} {objective.split('_')[0]} of the {len(feasible)} feasible trials")
+    return best_for(meeting, objective), True, (
+        f"the {word} {objective.split('_')[0]} of the {len(meeting)} feasible trials")
 
 
 def importance(study: optuna.Study, top: int = 3) -> dict[str, list[tuple[str, float]]]:
@@ -287,14 +294,14 @@ def recommend(study: optuna.Study, constraints: Constraints | None = None,
     if not items:
         raise AdvisorError(f"study {study.study_name!r} has no completed trial yet; run "
                            f"advisor run --study {study.study_name} --trials 12")
-    chosen, feasible, why = choose(items, baseline, constraints, goal)
+    chosen, met, why = choose(items, baseline, constraints, goal)
     rec = Recommendation(
         study=study.study_name, goal=goal, constraints=constraints, number=chosen.number,
-        params=chosen.params, metrics=chosen.metrics, baseline=baseline, feasible=feasible,
+        params=chosen.params, metrics=chosen.metrics, baseline=baseline, feasible=met,
         why=why, completed=len(items),
-        feasible_count=sum(1 for c in items if not misses(c, baseline, constraints)),
+        feasible_count=len(feasible(items, baseline, constraints)),
         result=chosen.result)
-    if not feasible:
+    if not met:
         rec.misses = misses(chosen, baseline, constraints)
         rec.advice = [f"run more trials: advisor run --study {study.study_name} --trials 20"]
         for m in rec.misses:
@@ -303,6 +310,14 @@ def recommend(study: optuna.Study, constraints: Constraints | None = None,
     if with_importance:
         rec.importance = importance(study)
     return rec
+
+
+def recommend_if_any(study: optuna.Study, constraints: Constraints | None = None,
+                     goal: str = "balanced") -> Recommendation | None:
+    """:func:`recommend`, or None before the study has a baseline and a completed trial."""
+    if not study.user_attrs.get("baseline") or not candidates(study):
+        return None
+    return recommend(study, constraints, goal)
 
 
 def _warnings(rec: Recommendation, baseline_result: dict) -> list[str]:

@@ -85,17 +85,16 @@ def front(study: optuna.Study, constraints: Constraints) -> tuple[list[FrozenTri
     """The Pareto front of the trials that meet ``constraints`` (most accurate first), and
     how many trials meet them."""
     baseline = study.user_attrs.get("baseline")
-    items = recommend.candidates(study)
-    if baseline:
-        items = [c for c in items if not recommend.misses(c, baseline["metrics"], constraints)]
+    items = recommend.feasible(recommend.candidates(study), baseline and baseline["metrics"], constraints)
     numbers = {c.number for c in recommend.pareto(items)}
     trials = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
     return sorted(trials, key=lambda t: (-t.values[0], t.values[1])), len(items)
 
 
-def study_report(study: optuna.Study, goal: str = "balanced",
-                 constraints: Constraints | None = None) -> str:
-    """Baseline, Pareto front with ratios to the baseline, the recommendation, and failures."""
+def study_report(study: optuna.Study, goal: str = "balanced", constraints: Constraints | None = None,
+                 rec: recommend.Recommendation | None = None) -> str:
+    """Baseline, Pareto front with ratios to the baseline, the recommendation (``rec`` when
+    the caller has it already), and failures."""
     attrs = study.user_attrs
     constraints = constraints or Constraints.from_dict(attrs.get("constraints", {}))
     baseline = attrs.get("baseline")
@@ -118,9 +117,10 @@ def study_report(study: optuna.Study, goal: str = "balanced",
                f"ratios are to the baseline, latency ± is half the p10-p90 spread")
     first = len(KNOB_COLUMNS) + 1
     out.append(table(headers(), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
-    if baseline and done:
+    rec = rec or recommend.recommend_if_any(study, constraints, goal)
+    if rec:
         out.append("")
-        out.append(render_recommendation(recommend.recommend(study, constraints, goal)))
+        out.append(render_recommendation(rec))
     if failed:
         out.append("")
         out.append("Failed trials:")

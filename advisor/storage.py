@@ -114,22 +114,21 @@ def lock(url: str, name: str) -> Iterator[None]:
             engine.dispose()
     elif backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with _flock(path.with_name(path.name + ".lock")):
+            yield
     else:
         yield
 
 
-@contextlib.contextmanager
-def local_lock(directory: Path) -> Iterator[None]:
+def local_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock on ``directory`` for processes of this machine (the data cache)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as handle:
+    return _flock(directory / ".lock")
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

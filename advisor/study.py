@@ -1,4 +1,4 @@
-"""The study: storage, baseline, and the loop that asks Optuna for knobs and runs trials.
+"""The study: storage, baseline, and the run that hands the trial loop to ``workers``.
 
 ``run(RunOptions)`` is the one core behind ``advisor run`` and ``advisor.run()``:
 
@@ -8,30 +8,28 @@
 3. measure the baseline once per study (training it first when ``trained=False``; its
    weights are stored in the study's database so a resumed run reuses them);
 4. ask the sampler for knobs, run each trial in its own process, and tell the study the
-   measured objectives, or a failure with its reason.
+   measured objectives, or a failure with its reason (``advisor.workers``, one thread per
+   local worker).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
 
-from advisor import __version__, data, hardware, objectives, space, storage
+from advisor import __version__, data, hardware, objectives, space, storage, workers
 from advisor.errors import AdvisorError
 from advisor.recommend import LIMITS, Constraints
 from advisor.report import Progress, short_result
-from advisor.trial.runner import Outcome, TrialRunner
+from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import Settings, TrialSpec, flag
 from advisor.trial.worker import BASELINE_FILE, WORKLOAD_FILE
 from advisor.workload import (
@@ -281,22 +279,12 @@ def _check_resume(study_name: str, attrs: dict, info: dict, hw: hardware.Hardwar
             f"start a new study with --study NAME")
 
 
-def _store_outcome(trial: optuna.Trial, outcome: Outcome) -> None:
-    if outcome.ok:
-        result = dict(outcome.result)
-        trial.set_user_attr("result", result)
-    else:
-        trial.set_user_attr("failure", {"reason": outcome.reason, "phase": outcome.phase,
-                                        "log_tail": outcome.log_tail[-4000:],
-                                        "wall_s": outcome.wall_s})
-
-
 def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     """Run (or resume) a study; see the module docstring for the steps."""
     _check_options(options)
     clock = time.perf_counter()
     hw = hardware.detect(options.device)
-    worker_slots = slots(options.workers, hw)
+    worker_slots = workers.slots(options.workers, hw)
     ref = WorkloadRef(model=options.model or DEFAULT_MODEL, data=options.data, cwd=os.getcwd())
     workload = build(ref)
     study_name = options.study or workload.name
@@ -313,9 +301,9 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     threads = options.threads or hw.cores
 
     def spec(role: str, number: int, knobs: space.Knobs, train_baseline: bool = False,
-             slot: Slot | None = None) -> TrialSpec:
+             slot: workers.Slot | None = None) -> TrialSpec:
         # ``settings`` is the study's, bound by _open_study below before any spec is made.
-        slot = slot or Slot(0, 1)
+        slot = slot or workers.Slot(0, 1)
         return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
                          device=hw.device, threads=len(slot.cpus) or threads, env=env + slot.env,
@@ -336,10 +324,10 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
     constraints = Constraints.from_dict(study.user_attrs.get("constraints", {}))
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
-    loop = _Loop(study, rdb, search, runner, spec, options, progress, result, constraints)
+    loop = workers.Loop(study, rdb, search, runner, spec, options, progress, result, constraints)
     began = time.perf_counter()
     try:
-        _run_trials(loop, worker_slots)
+        workers.run_trials(loop, worker_slots)
     finally:
         result.loop_s = time.perf_counter() - began
         result.front = [t.number for t in study.best_trials]
@@ -384,176 +372,6 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
     for values in queued:
         study.enqueue_trial(values)
     return study, settings, search
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one local worker runs its trials: its CPU cores, or its GPU."""
-
-    index: int
-    of: int
-    cpus: tuple[int, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"worker": self.index, "workers": self.of, "cpus": list(self.cpus),
-                **dict(self.env)}
-
-
-def slots(workers: int, hw: hardware.Hardware) -> list[Slot]:
-    """Split this machine between ``workers``: on CUDA one GPU each (round robin when there
-    are more workers than GPUs), on CPU a disjoint set of cores each, so no trial is timed on
-    cores another trial is training on."""
-    if workers == 1:
-        return [Slot(0, 1)]
-    if hw.device == "cuda":
-        gpus = max(1, torch.cuda.device_count())
-        return [Slot(i, workers, env=(("CUDA_VISIBLE_DEVICES", str(i % gpus)),)) for i in range(workers)]
-    cores = sorted(os.sched_getaffinity(0))
-    if workers > len(cores):
-        raise AdvisorError(f"--workers {workers} needs at least that many CPU cores; this machine "
-                           f"gives the advisor {len(cores)}")
-    share = len(cores) // workers
-    return [Slot(i, workers, cpus=tuple(cores[i * share:(i + 1) * share])) for i in range(workers)]
-
-
-@dataclass
-class _Loop:
-    """What the worker threads of one run share; ``lock`` guards the study and the counts."""
-
-    study: optuna.Study
-    rdb: optuna.storages.RDBStorage
-    search: space.Space
-    runner: TrialRunner
-    spec: Callable
-    options: RunOptions
-    progress: Progress
-    result: RunResult
-    constraints: Constraints
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    started: int = 0
-
-
-def _run_trials(loop: _Loop, worker_slots: list[Slot]) -> None:
-    """Ask, run in a trial process, tell, on each worker's slot, until this run's
-    ``--trials`` (or the study's ``--study-trials``) are reached, or Ctrl-C."""
-    done = threading.Semaphore(0)
-
-    def work(slot: Slot) -> None:
-        try:
-            _worker(loop, slot)
-        finally:
-            done.release()
-
-    for slot in worker_slots:
-        threading.Thread(target=work, args=(slot,), name=f"advisor-worker-{slot.index}", daemon=True).start()
-    # Wait on a semaphore, not Thread.join: a join interrupted by Ctrl-C can leave the thread
-    # marked finished on Python 3.11, and a later join would then return at once.
-    finished = 0
-    try:
-        while finished < len(worker_slots):
-            if done.acquire(timeout=0.2):
-                finished += 1
-    except KeyboardInterrupt:
-        # The workers stop their running trials, store them as "interrupted" and return.
-        loop.stop.set()
-        loop.result.interrupted = True
-        while finished < len(worker_slots):
-            done.acquire()
-            finished += 1
-
-
-def _next_trial(loop: _Loop) -> tuple[optuna.Trial, space.Knobs, int] | None:
-    """The next trial to run, or None when the budget is spent; under ``loop.lock``."""
-    options, study = loop.options, loop.study
-    if loop.stop.is_set() or loop.started >= options.trials:
-        return None
-
-    def ask():
-        with warnings.catch_warnings():
-            # Heartbeats are an experimental Optuna feature, meant for Study.optimize: here
-            # the trial loop records them itself (_with_heartbeat). Neither note is the user's.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
-            # A trial whose worker died (no heartbeat for two intervals) is failed and queued again.
-            optuna.storages.fail_stale_trials(study)
-            return study.ask()
-
-    if options.study_trials is not None:
-        # Counting and asking under the storage's lock: workers on every machine share it.
-        with storage.lock(options.storage, f"budget:{study.study_name}"):
-            held = study.get_trials(deepcopy=False, states=BUDGET_STATES)
-            if len(held) >= options.study_trials:
-                return None
-            trial = ask()
-    else:
-        trial = ask()
-    loop.started += 1
-    return trial, loop.search.suggest(trial), loop.started
-
-
-BUDGET_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)
-
-
-def _worker(loop: _Loop, slot: Slot) -> None:
-    study, result, progress = loop.study, loop.result, loop.progress
-    while True:
-        t0 = time.perf_counter()
-        with loop.lock:
-            taken = _next_trial(loop)
-        if taken is None:
-            return
-        trial, knobs, i = taken
-        t1 = time.perf_counter()
-        if slot.of > 1:
-            trial.set_user_attr("worker", slot.to_dict())
-        progress.start(i, f"#{trial.number} {knobs.describe()}")
-        outcome = loop.runner.run(loop.spec("trial", trial.number, knobs, slot=slot),
-                                  loop.options.trial_timeout,
-                                  on_tick=_with_heartbeat(loop.rdb, trial, progress.tick), stop=loop.stop)
-        t2 = time.perf_counter()
-        if loop.stop.is_set() and not outcome.ok:
-            # Ctrl-C reaches the trial process too: whatever it reported, it was interrupted.
-            outcome = Outcome(ok=False, reason="interrupted", phase=outcome.phase)
-        with loop.lock:
-            _store_outcome(trial, outcome)
-            if outcome.ok:
-                # Constraints go to Optuna before tell, so its samplers learn what is feasible.
-                for key, value in loop.constraints.values(outcome.result["metrics"],
-                                                          result.baseline["metrics"]).items():
-                    trial.set_constraint(key, value)
-                study.tell(trial, objectives.values(outcome.result["metrics"]))
-                result.completed += 1
-            else:
-                study.tell(trial, state=TrialState.FAIL)
-                result.failed += 1
-            front = len(study.best_trials) if outcome.ok else None
-        t3 = time.perf_counter()
-        result.timings.append({
-            "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok, "worker": slot.index,
-            "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
-            "phases": (outcome.result or {}).get("phases", {}),
-        })
-        if outcome.ok:
-            progress.finish(short_result(outcome.result), front)
-        else:
-            progress.finish("interrupted" if outcome.reason == "interrupted" else f"FAILED: {outcome.reason}")
-
-
-def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):
-    """The runner's tick, also recording the trial's heartbeat at the storage's interval."""
-    interval = rdb.get_heartbeat_interval()
-    last = [0.0]
-
-    def on_tick(phase: str, elapsed: float) -> None:
-        now = time.monotonic()
-        if interval and now - last[0] >= interval:
-            rdb.record_heartbeat(trial._trial_id)
-            last[0] = now
-        tick(phase, elapsed)
-
-    return on_tick
 
 
 def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progress,

@@ -218,13 +218,19 @@ def _describe(obj: object) -> str:
 
 # -- calling the model -------------------------------------------------------------------
 
+def call_args(inputs: Inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` the model takes the inputs as: ``(x,)``, ``x`` or ``**x``."""
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return tuple(inputs), {}
+
+
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
     """``model(x)``, ``model(*x)`` or ``model(**x)`` by the form of the inputs."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
+    args, kwargs = call_args(inputs)
+    return model(*args, **kwargs)
 
 
 def logits_of(output: Any) -> torch.Tensor:

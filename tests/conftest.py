@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -61,18 +62,23 @@ def _threads():
     torch.set_num_threads(before)
 
 
+def require(found, variable: str, what: str):
+    """``found``, or skip the test, or fail it where ``.ci/run`` set ``variable``: there a
+    missing tool is a broken CI machine, not a reason to skip."""
+    if found is None:
+        if os.environ.get(variable):
+            pytest.fail(f"{variable} is set but this machine lacks {what}")
+        pytest.skip(f"needs {what}")
+    return found
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server on loopback for this test session (see tests/postgres.py)."""
-    import os
-
     from postgres import Server, bin_dir
 
-    found = bin_dir()
-    if found is None:
-        if os.environ.get("ADVISOR_REQUIRE_POSTGRES"):
-            pytest.fail("ADVISOR_REQUIRE_POSTGRES is set but no PostgreSQL server binaries were found")
-        pytest.skip("needs PostgreSQL server binaries (initdb, pg_ctl); .ci/run has them")
+    found = require(bin_dir(), "ADVISOR_REQUIRE_POSTGRES",
+                    "PostgreSQL server binaries (initdb, pg_ctl); .ci/run has them")
     server = Server(found)
     yield server
     server.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import optuna
@@ -13,7 +12,7 @@ import advisor
 from advisor import api, dashboard, objectives
 from advisor.dashboard import data, render
 from advisor.recommend import Constraints
-from conftest import FAST, PLAIN
+from conftest import FAST, PLAIN, require
 from test_recommend import FRONT, fixture_study
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -91,12 +90,8 @@ def test_user_text_is_escaped_everywhere(tmp_path):
 def _browser():
     from browser import executable
 
-    exe = executable()
-    if exe is None:
-        if os.environ.get("ADVISOR_REQUIRE_BROWSER"):
-            pytest.fail("ADVISOR_REQUIRE_BROWSER is set but no chromium is installed")
-        pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    return exe
+    return require(executable(), "ADVISOR_REQUIRE_BROWSER",
+                   "Debian's chromium (apt-get install chromium); .ci/run installs it")
 
 
 COUNT_POINTS = """(() => {

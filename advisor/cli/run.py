@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from advisor import dashboard, report, storage
+from advisor import dashboard, recommend, report, storage
 from advisor import study as core
 from advisor.cli import common
 from advisor.workload import DEFAULT_MODEL
@@ -111,9 +111,10 @@ def main(args: argparse.Namespace) -> int:
     progress = report.Progress(options.trials)
     result = core.run(options, progress)
     loaded = core.load_study(result.study_name, options.storage)
-    print(report.study_report(loaded))
+    rec = recommend.recommend_if_any(loaded)  # once: its knob importance takes seconds
+    print(report.study_report(loaded, rec=rec))
     print()
-    print(f"Dashboard: {dashboard.write(loaded)}")
+    print(f"Dashboard: {dashboard.write(loaded, rec=rec)}")
     print(next_commands(result.study_name, options.storage))
     if result.interrupted:
         print("advisor: interrupted; the trials above are stored, run again to resume",

@@ -19,13 +19,12 @@ from advisor.recommend import Constraints
 DEFAULT_DIR = "dashboards"
 
 
-def panels(study: optuna.Study, constraints: Constraints | None = None,
-           goal: str = "balanced") -> tuple[dict, recommend.Recommendation | None]:
-    """Every panel's data, and the recommendation (None before a trial completed)."""
+def panels(study: optuna.Study, constraints: Constraints | None = None, goal: str = "balanced",
+           rec: recommend.Recommendation | None = None) -> tuple[dict, recommend.Recommendation | None]:
+    """Every panel's data, and the recommendation (None before a trial completed; ``rec``
+    when the caller has it already)."""
     constraints = constraints or Constraints.from_dict(study.user_attrs.get("constraints", {}))
-    rec = None
-    if study.user_attrs.get("baseline") and recommend.candidates(study):
-        rec = recommend.recommend(study, constraints, goal)
+    rec = rec or recommend.recommend_if_any(study, constraints, goal)
     return {
         "trials": data.trials(study, constraints, rec),
         "hypervolume": data.hypervolume(study, constraints),
@@ -41,11 +40,12 @@ def default_path(study_name: str) -> Path:
     return Path(DEFAULT_DIR) / f"{safe}.html"
 
 
-def write(study: optuna.Study, path: str | Path | None = None, goal: str = "balanced") -> Path:
+def write(study: optuna.Study, path: str | Path | None = None, goal: str = "balanced",
+          rec: recommend.Recommendation | None = None) -> Path:
     """Write the study's dashboard (default ``dashboards/<study>.html``); returns the path."""
     from advisor.report import render_recommendation
 
-    content, rec = panels(study, goal=goal)
+    content, rec = panels(study, goal=goal, rec=rec)
     text = render_recommendation(rec, hint=False) if rec else ""
     path = Path(path) if path else default_path(study.study_name)
     try:

@@ -101,8 +101,7 @@ def trials(study: optuna.Study, constraints: Constraints, rec: Recommendation | 
     baseline = study.user_attrs.get("baseline")
     items = recommend.candidates(study)
     base_metrics = baseline["metrics"] if baseline else None
-    feasible = [c for c in items if base_metrics is None
-                or not recommend.misses(c, base_metrics, constraints)]
+    feasible = recommend.feasible(items, base_metrics, constraints)
     front = {c.number for c in recommend.pareto(feasible)}
     feasible_numbers = {c.number for c in feasible}
     points, failed = [], []
@@ -164,8 +163,8 @@ def importance(rec: Recommendation | None, study: optuna.Study) -> Importance:
 def table(study: optuna.Study, constraints: Constraints) -> list[Row]:
     baseline = study.user_attrs.get("baseline")
     base = baseline["metrics"] if baseline else {}
-    feasible_numbers = {c.number for c in recommend.candidates(study)
-                        if not base or not recommend.misses(c, base, constraints)}
+    feasible_numbers = {c.number for c in recommend.feasible(recommend.candidates(study),
+                                                             base or None, constraints)}
     rows = []
     all_trials = study.get_trials(deepcopy=False)
     for t in all_trials:

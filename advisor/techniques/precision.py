@@ -17,7 +17,7 @@ from advisor.techniques import Exclusion, unknown
 
 KNOB = "precision"
 CHOICES = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def autocast(config: PrecisionConfig, device_type: str) -> contextlib.AbstractCo
     """The autocast context for ``config`` (a no-op for fp32)."""
     if config.dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=_DTYPES[config.dtype])
+    return torch.autocast(device_type, dtype=HALF_DTYPES[config.dtype])
 
 
 def grad_scaler(config: PrecisionConfig, device_type: str) -> torch.amp.GradScaler | None:

@@ -30,12 +30,12 @@ from torch import nn
 
 from advisor.hardware import Hardware
 from advisor.techniques import Exclusion, unknown
-from advisor.workload import Inputs, call_model
+from advisor.techniques.precision import HALF_DTYPES
+from advisor.workload import Inputs, call_args, call_model
 
 KNOB = "quantization"
 MODES = ("none", "bf16", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "qat-int8",
          "int4-weight-only", "float8")
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
 _PT2E = ("int8-static", "qat-int8")
 
@@ -65,8 +65,8 @@ class QuantizationConfig:
     @property
     def input_dtype(self) -> torch.dtype | None:
         """The dtype floating inputs are cast to, when the weights are in half precision."""
-        if self.mode in _HALF:
-            return _HALF[self.mode]
+        if self.mode in HALF_DTYPES:
+            return HALF_DTYPES[self.mode]
         if self.mode in ("int4-weight-only", "float8"):
             return torch.bfloat16
         return None
@@ -76,12 +76,7 @@ class QuantizationConfig:
 
 def _export(model: nn.Module, example: Inputs) -> nn.Module:
     """``torch.export`` the model with a dynamic batch dimension, as a GraphModule."""
-    if isinstance(example, torch.Tensor):
-        args, kwargs = (example,), {}
-    elif isinstance(example, dict):
-        args, kwargs = (), dict(example)
-    else:
-        args, kwargs = tuple(example), {}
+    args, kwargs = call_args(example)
     auto = torch.export.Dim.AUTO
     dims_args = tuple({0: auto} for _ in args)
     dims = {k: {0: auto} for k in kwargs} if kwargs else dims_args
@@ -118,8 +113,8 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
     mode = config.mode
     if mode == "none":
         return model
-    if mode in _HALF:
-        return model.to(_HALF[mode])
+    if mode in HALF_DTYPES:
+        return model.to(HALF_DTYPES[mode])
     if mode in _TORCHAO:
         from torchao.quantization import quantize_
 
