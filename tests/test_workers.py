@@ -47,7 +47,10 @@ def check_shared_study(url: str, outcomes, expected: int) -> list:
         storage.engine.dispose()  # close the pooled connections (psycopg warns otherwise)
     trials = [t for t in trials if t.state != TrialState.WAITING]  # knobs queued but not needed
     assert [t.state for t in trials].count(TrialState.COMPLETE) == expected == len(trials)
-    assert sorted(t.number for t in trials) == list(range(expected)), "no duplicated trial numbers"
+    # Unique, not necessarily contiguous: a --try queued by a late worker may be left waiting
+    # (and keep its number) when an earlier worker asked while the queue was empty.
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers), "no duplicated trial numbers"
     trained = [err for _, _, err in outcomes if "training and measuring the baseline" in err]
     assert len(trained) == 1, "the baseline is trained once, by one worker"
     assert names == ["shared"], "the study was created once"
