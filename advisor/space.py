@@ -111,6 +111,10 @@ class Space:
     quantization: tuple[str, ...]
     excluded: tuple[Exclusion, ...]
     blocks: str
+    # (low, high, step) of the stepped float knobs; a benchmark narrows them to a grid.
+    prune_ratio: tuple[float, float, float] = (*PRUNE_RATIO, STEP)
+    distill_alpha: tuple[float, float, float] = (*ALPHA, STEP)
+    distill_temperature: tuple[float, float, float] = (*TEMPERATURE, 0.5)
 
     def suggest(self, trial: optuna.Trial) -> Knobs:
         """A trial's knobs. Some are conditional: a knob that cannot matter is not sampled
@@ -123,18 +127,34 @@ class Space:
             "accumulation": trial.suggest_categorical("accumulation", self.accumulation),
             "compile": trial.suggest_categorical("compile", self.compile),
             "lr": trial.suggest_float("lr", *self.lr, log=True),
-            "distill_alpha": trial.suggest_float("distill_alpha", *ALPHA, step=STEP),
+            "distill_alpha": _stepped(trial, "distill_alpha", self.distill_alpha),
         }
         if kind in RATIO_KINDS:
-            values["prune_ratio"] = trial.suggest_float("prune_ratio", *PRUNE_RATIO, step=STEP)
+            values["prune_ratio"] = _stepped(trial, "prune_ratio", self.prune_ratio)
         if values["distill_alpha"] > 0:
-            values["distill_temperature"] = trial.suggest_float("distill_temperature", *TEMPERATURE,
-                                                                step=0.5)
+            values["distill_temperature"] = _stepped(trial, "distill_temperature",
+                                                     self.distill_temperature)
         if quant != "qat-int8":
             values["precision"] = trial.suggest_categorical("precision", self.precision)
             values["checkpoint_every"] = trial.suggest_categorical("checkpoint_every",
                                                                    self.checkpoint_every)
         return Knobs(**values)
+
+    def grid(self) -> list[Knobs]:
+        """Every configuration ``suggest`` can return, for a finite space (``lr`` fixed, as
+        ``(lr, lr)``): a depth-first walk over ``suggest``'s own choices, so the grid and
+        the sampled space cannot drift apart."""
+        if self.lr[0] != self.lr[1]:
+            raise ValueError("grid() needs a fixed lr: build the space with lr=(x, x)")
+        found, pending = [], [()]
+        while pending:
+            walk = _Walk(pending.pop())
+            found.append(self.suggest(walk))
+            # Each decision past the forced prefix opens its other branches.
+            for depth in range(len(walk.forced), len(walk.taken)):
+                for other in range(1, walk.widths[depth]):
+                    pending.append((*tuple(walk.taken[:depth]), other))
+        return found
 
     def check_values(self, values: dict) -> dict:
         """Knob values a user asks to try, checked against this space."""
@@ -167,13 +187,45 @@ class Space:
             "compile": list(self.compile),
             "lr": list(self.lr),
             "prune_kind": list(self.prune_kind),
-            "prune_ratio": list(PRUNE_RATIO),
+            "prune_ratio": list(self.prune_ratio[:2]),
             "quantization": list(self.quantization),
-            "distill_alpha": list(ALPHA),
-            "distill_temperature": list(TEMPERATURE),
+            "distill_alpha": list(self.distill_alpha[:2]),
+            "distill_temperature": list(self.distill_temperature[:2]),
             "blocks": self.blocks,
             "excluded": [e.to_dict() for e in self.excluded],
         }
+
+
+def _stepped(trial: optuna.Trial, name: str, bounds: tuple[float, float, float]) -> float:
+    low, high, step = bounds
+    return trial.suggest_float(name, low, high, step=step)
+
+
+class _Walk:
+    """A stand-in trial for ``Space.grid``: takes the ``forced`` choice indices, then the
+    first choice of every later decision, recording how many choices each one had."""
+
+    def __init__(self, forced: tuple[int, ...]) -> None:
+        self.forced, self.taken, self.widths = forced, [], []
+
+    def _pick(self, choices: list) -> object:
+        depth = len(self.taken)
+        index = self.forced[depth] if depth < len(self.forced) else 0
+        self.taken.append(index)
+        self.widths.append(len(choices))
+        return choices[index]
+
+    def suggest_categorical(self, name: str, choices: tuple) -> object:
+        return self._pick(list(choices))
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        if step is None:
+            if low != high:
+                raise ValueError(f"{name} is continuous: give it a step or a fixed value")
+            return self._pick([low])
+        count = round((high - low) / step) + 1
+        return self._pick([round(low + i * step, 10) for i in range(count)])
 
 
 def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,

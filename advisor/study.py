@@ -157,7 +157,9 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
+            # The GP models the knobs every trial has; conditional ones (a pruning ratio, a
+            # distillation temperature) it samples at random, by design, without a warning each.
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
         return optuna.samplers.RandomSampler(seed=seed)
 
 

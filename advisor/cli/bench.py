@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 from advisor import bench
+from advisor.bench import search
+from advisor.dashboard import render
 from advisor.errors import AdvisorError
 from advisor.report import Progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: overhead, each technique alone, local workers",
+    p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
@@ -36,6 +38,31 @@ def register(sub) -> None:
     w.add_argument("--json", default="studies/bench-workers.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-workers.json)")
     w.set_defaults(handler=workers)
+    s = which.add_parser(
+        "search", help="samplers against random search and one-at-a-time, over a measured grid",
+        description="Measure every configuration of a reduced grid once (resumable), then replay "
+                    "each sampler over that table for several seeds and report the hypervolume "
+                    "of its front after N trials.")
+    s.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--table-dir", default="studies/search-table", metavar="DIR",
+                   help="where the grid's trials are kept; a rerun measures only what is missing "
+                        "(default studies/search-table)")
+    s.add_argument("--samplers", default=",".join(search.SAMPLERS), metavar="LIST",
+                   help=f"comma-separated, from {', '.join(search.SAMPLERS)} (default all)")
+    s.add_argument("--seeds", type=int, default=10, metavar="N", help="seeds per sampler (default 10)")
+    s.add_argument("--gp-seeds", type=int, default=3, metavar="N",
+                   help="seeds for gp, whose replay takes minutes per seed (default 3)")
+    s.add_argument("--budgets", default=",".join(map(str, search.BUDGETS)), metavar="LIST",
+                   help="trial budgets to report (default 10,20,30,50,100)")
+    s.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
+    s.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
+    s.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
+    s.add_argument("--json", default="studies/bench-search.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-search.json)")
+    s.add_argument("--chart", default="dashboards/search-efficiency.html", metavar="PATH",
+                   help="where to write the plotly chart (default dashboards/search-efficiency.html)")
+    s.set_defaults(handler=search_bench)
 
 
 def _write(path: str, report: dict) -> None:
@@ -70,4 +97,41 @@ def workers(args: argparse.Namespace) -> int:
     report = bench.workers(trials=args.trials)
     print(bench.render_workers(report))
     _write(args.json, report)
+    return 0
+
+
+def _positive_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise AdvisorError(f"{flag} must be comma-separated positive integers (like 10,30,100); "
+                           f"got {text!r}")
+    return values
+
+
+def search_bench(args: argparse.Namespace) -> int:
+    samplers = tuple(s.strip() for s in args.samplers.split(","))
+    unknown = [s for s in samplers if s not in search.SAMPLERS]
+    if unknown or not samplers:
+        raise AdvisorError(f"--samplers takes a comma-separated list from "
+                           f"{', '.join(search.SAMPLERS)}; got {args.samplers!r}")
+    budgets = _positive_list("--budgets", args.budgets)
+    for flag, value in (("--seeds", args.seeds), ("--gp-seeds", args.gp_seeds)):
+        if value < 1:
+            raise AdvisorError(f"{flag} must be a positive integer; got {value}")
+    settings = {k: v for k, v in (("trial_steps", args.trial_steps),
+                                  ("latency_seconds", args.latency_seconds)) if v is not None}
+    table = search.measure_table(args.model, args.device, study_dir=args.table_dir,
+                                 trial_timeout=args.trial_timeout, **settings)
+    _write(str(Path(args.table_dir) / "table.json"), table)
+    report = search.compare(table, samplers, seeds=args.seeds, gp_seeds=args.gp_seeds,
+                            budgets=budgets, progress=print)
+    print(search.render(report))
+    _write(args.json, report)
+    chart = Path(args.chart)
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    chart.write_text(render.search_efficiency(report))
+    print(f"chart: {chart}")
     return 0

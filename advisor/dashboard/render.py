@@ -261,3 +261,35 @@ def _summary(panels: dict) -> dict:
     return {"points": len(trials.points), "failed": len(trials.failed),
             "front": sum(1 for p in trials.points if p.status == "front"),
             "hypervolume": len(panels["hypervolume"].values)}
+
+
+def search_efficiency(report: dict) -> str:
+    """A self-contained page: hypervolume against trials per sampler (median line, band
+    between the 25th and 75th percentiles over seeds), one-at-a-time as a marker."""
+    fig = go.Figure()
+    steps = report["steps"]
+    for name, r in report["samplers"].items():
+        hv = [r["hypervolume"][str(b)] for b in steps]
+        label = f"{name} (default)" if name == "tpe" else name
+        fig.add_trace(go.Scatter(x=steps + steps[::-1], y=[h["q75"] for h in hv] + [h["q25"] for h in hv][::-1],
+                                 fill="toself", opacity=0.2, line={"width": 0}, showlegend=False,
+                                 hoverinfo="skip", legendgroup=name, name=label))
+        fig.add_trace(go.Scatter(x=steps, y=[h["median"] for h in hv], mode="lines+markers",
+                                 name=f"{label}, {r['seeds']} seeds", legendgroup=name))
+    oat = report["one_at_a_time"]
+    fig.add_trace(go.Scatter(x=[oat["trials"]], y=[oat["hypervolume"]], mode="markers",
+                             marker={"size": 12, "symbol": "diamond"},
+                             name=f"one technique at a time ({oat['trials']} trials)"))
+    fig.add_hline(y=report["grid_hypervolume"], line_dash="dot",
+                  annotation_text="every grid configuration")
+    hw = report["hardware"]
+    fig.update_layout(
+        title=f"Search efficiency: {html.escape(report['workload'])} on {hw['device']} "
+              f"({html.escape(hw['name'])}), {report['grid_size']} measured configurations",
+        xaxis_title="trials", yaxis_title="hypervolume of the front (objectives / baseline)",
+        height=520, margin={"t": 60})
+    body = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id="search-efficiency",
+                       config=_CONFIG)
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>advisor: search efficiency"
+            f"</title><script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
+            f"{body}</body></html>")

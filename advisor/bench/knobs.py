@@ -1,0 +1,137 @@
+"""One technique at a time: the baseline, then each technique alone at its common setting,
+the way a tutorial would try techniques one by one (``one_at_a_time()``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from advisor import hardware, space, storage
+from advisor import study as core
+from advisor.errors import AdvisorError
+from advisor.report import Progress, table
+from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
+
+COMMON = (
+    {"precision": "bf16"},
+    {"accumulation": 4},
+    {"checkpoint_every": 1},
+    {"compile": "max-autotune"},
+    {"prune_kind": "unstructured", "prune_ratio": 0.3},
+    {"prune_kind": "structured", "prune_ratio": 0.5},
+    {"quantization": "int8-dynamic"},
+    {"quantization": "int8-static"},
+    {"distill_alpha": 0.7, "distill_temperature": 4.0},
+    {"prune_kind": "structured", "prune_ratio": 0.5, "quantization": "int8-static",
+     "distill_alpha": 0.7, "distill_temperature": 4.0},
+)
+
+
+def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
+                  progress: Progress | None = None, configs: list[dict] | None = None,
+                  **settings) -> dict:
+    """Baseline, then each technique at its common setting (``COMMON``), with ratios.
+
+    ``configs`` replaces ``COMMON`` (each a partial dict of knob values). A value this
+    hardware does not offer is reported with the space's reason (``max-autotune`` falls back
+    to its ``-no-cudagraphs`` variant on CPU). ``settings`` are measurement settings.
+    """
+    hw = hardware.detect(device)
+    workload = build(WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd())))
+    lr = settings.get("lr") or space.DEFAULT_LR
+    with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
+        root = Path(study_dir or tmp)
+        ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
+        cache = root / "cache" / "knobs"
+        core.prepare_cache(workload, ref, cache)
+        search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
+                             lr=lr, keep=workload.keep)
+        runnable, skipped = [], []
+        for config in (configs if configs is not None else COMMON):
+            config = dict(config)
+            if config.get("compile") == "max-autotune" and "max-autotune" not in search.compile:
+                config["compile"] = "max-autotune-no-cudagraphs"
+            try:
+                search.check_values(config)
+            except AdvisorError as exc:
+                skipped.append({"config": _label(config), "ok": False, "reason": f"not offered: {exc}"})
+                continue
+            runnable.append(config)
+        base = space.Knobs(lr=lr).to_dict()
+        url = f"sqlite:///{root / 'knobs.db'}"
+        full = [{**base, **c} for c in runnable]
+        options = core.RunOptions(model=model, device=device, trials=len(full), enqueue=full,
+                                  storage=url, cache_dir=str(root / "cache"), study="knobs",
+                                  sampler="random", seed=0, **settings)
+        core.run(options, progress or Progress(len(full)))
+        study = optuna.load_study(study_name="knobs", storage=storage.open_storage(url))
+        baseline = study.user_attrs["baseline"]
+        rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True)]
+        for t, config in zip(study.trials, runnable, strict=True):
+            label = _label(config)
+            if t.state == TrialState.COMPLETE:
+                rows.append(_knob_row(label, t.user_attrs["result"], baseline, ok=True))
+            else:
+                rows.append({"config": label, "ok": False,
+                             "reason": t.user_attrs.get("failure", {}).get("reason", str(t.state))})
+    return {"hardware": hw.to_dict(), "workload": workload.name,
+            "settings": study.user_attrs["settings"], "rows": rows + skipped}
+
+
+def _label(config: dict) -> str:
+    """``prune=structured:0.5 + quantization=int8-static + kd=T4/a0.7``: the knobs changed."""
+    parts = []
+    for name, value in config.items():
+        if name == "prune_kind":
+            ratio = config.get("prune_ratio")
+            parts.append(f"prune={value}" + (f":{ratio:g}" if ratio else ""))
+        elif name == "distill_alpha":
+            parts.append(f"kd=T{config.get('distill_temperature', 4.0):g}/a{value:g}")
+        elif name not in ("prune_ratio", "distill_temperature"):
+            parts.append(f"{name}={value}")
+    return " + ".join(parts)
+
+
+def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:
+    def pair(value: float, base: float) -> dict:
+        return {"value": value, "ratio": value / base if base else None}
+
+    m, b = result["metrics"], baseline["metrics"]
+    return {
+        "config": label, "ok": ok,
+        "throughput": pair(result["train"]["throughput"], baseline["train"]["throughput"]),
+        "memory_mib": pair(m["memory_mib"], b["memory_mib"]),
+        "latency_ms": pair(m["latency_ms"], b["latency_ms"]),
+        "latency_spread": result["latency"]["spread"],
+        "latency_batch1_ms": pair(result["latency_batch1"]["median_ms"],
+                                  baseline["latency_batch1"]["median_ms"]),
+        "size_mib": pair(m["size_mib"], b["size_mib"]),
+        "compile_s": result["compile_s"],
+        "accuracy": m["accuracy"], "accuracy_delta": m["accuracy"] - b["accuracy"],
+    }
+
+
+def render_knobs(report: dict) -> str:
+    def cell(p: dict, fmt: str = ".3g") -> str:
+        return f"{p['value']:{fmt}} ({p['ratio']:.2f}x)" if p["ratio"] is not None else f"{p['value']:{fmt}}"
+
+    cols = ["config", "train samples/s", "memory MiB", "latency ms", "batch-1 ms", "size MiB",
+            "compile s", "accuracy"]
+    rows = []
+    for r in report["rows"]:
+        if not r["ok"]:
+            rows.append([r["config"], f"FAILED: {r['reason']}", "", "", "", "", "", ""])
+            continue
+        rows.append([r["config"], cell(r["throughput"], ".0f"), cell(r["memory_mib"]),
+                     f"{cell(r['latency_ms'])} ±{r['latency_spread'] * 50:.0f}%",
+                     cell(r["latency_batch1_ms"]), cell(r["size_mib"]), f"{r['compile_s']:.1f}",
+                     f"{r['accuracy']:.4f} ({r['accuracy_delta']:+.4f})"])
+    hw, s = report["hardware"], report["settings"]
+    head = (f"One knob at a time: {report['workload']} on {hw['device']} ({hw['name']}), "
+            f"torch {hw['torch_version']}; {s['trial_steps']} fine-tune steps per trial, "
+            f"latency at batch {s['latency_batch']}; ratios to the baseline")
+    return head + "\n" + table(cols, rows, right=set(range(1, 8)))
