@@ -24,7 +24,12 @@ from advisor.space import Knobs
 
 SCHEMA = 1
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
-        "provenance")
+        "provenance", "serving")
+REQUIRED = KEYS[:-1]  # "serving" only in configs of serving studies
+# Knobs a config may leave out (files written before they existed): their defaults apply.
+OPTIONAL_KNOBS = ("serving_max_batch", "serving_max_wait_ms")
+SERVING = ("rate", "requests", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
+           "throughput_rps", "overload_share", "saturated")
 PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",
               "torch", "torchao", "advisor", "settings", "measured_at", "exported_at")
 _KNOB_TYPES = {"str": str, "int": int, "float": float}
@@ -56,6 +61,10 @@ def to_dict(rec: Recommendation, study, storage_url: str) -> dict:
     hw = attrs.get("hardware", {})
     trial = study.trials[rec.number]
     workload = attrs.get("workload", {})
+    served = trial.user_attrs.get("result", {}).get("serving")
+    serving = {} if not served else {"serving": {
+        "requests": attrs.get("settings", {}).get("serving_requests"),
+        **{k: served[k] for k in SERVING if k in served}}}
     return {
         "advisor_config": SCHEMA,
         "goal": rec.goal,
@@ -80,6 +89,7 @@ def to_dict(rec: Recommendation, study, storage_url: str) -> dict:
             if trial.datetime_complete else None,
             "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         },
+        **serving,
     }
 
 
@@ -126,7 +136,7 @@ def from_dict(data: object, where: str = "config") -> Config:
     if version > SCHEMA:
         raise AdvisorError(f"{where} has schema {version}, newer than this advisor {__version__} reads "
                            f"({SCHEMA}); upgrade advisor")
-    _keys(data, KEYS, where, required=KEYS)
+    _keys(data, KEYS, where, required=REQUIRED)
     goal = data["goal"]
     if goal not in GOALS:
         raise AdvisorError(f"{where}: goal must be one of {', '.join(GOALS)}; got {goal!r}")
@@ -138,6 +148,8 @@ def from_dict(data: object, where: str = "config") -> Config:
     constraints = _constraints(data["constraints"], where)
     provenance = data["provenance"]
     _keys(provenance, PROVENANCE, f"{where}: provenance")
+    if "serving" in data:
+        _keys(data["serving"], SERVING, f"{where}: serving")
     return Config(knobs=knobs, measured=measured, baseline=baseline, constraints=constraints,
                   goal=goal, feasible=data["feasible"], provenance=dict(provenance))
 
@@ -155,9 +167,12 @@ def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[s
 
 def _knobs(section: object, where: str) -> Knobs:
     types = {f.name: _KNOB_TYPES[f.type] for f in fields(Knobs)}
-    _keys(section, tuple(types), f"{where}: knobs", required=tuple(types))
+    _keys(section, tuple(types), f"{where}: knobs",
+          required=tuple(n for n in types if n not in OPTIONAL_KNOBS))
     values = {}
     for name, kind in types.items():
+        if name not in section:
+            continue
         value = section[name]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

@@ -70,7 +70,7 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
     cache = Path(cache_dir).resolve() / ("apply-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", workload.name or "model"))
     core.prepare_cache(workload, ref, cache)
     search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
-                         lr=settings.lr, keep=workload.keep)
+                         lr=settings.lr, keep=workload.keep, serving=settings.serving_rate > 0)
     knobs = config.knobs.to_dict()
     search.check_values({k: v for k, v in knobs.items() if k != "lr"})
     notes = []
@@ -87,7 +87,7 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
     weights = cache / worker.BASELINE_FILE
     if workload.trained:
         torch.save(workload.model.state_dict(), weights)
-    baseline_knobs = space.Knobs(lr=settings.lr).to_dict()
+    baseline_knobs = space.baseline(settings.lr, settings.serving_rate > 0).to_dict()
     log = worker.log_path(cache, 0).with_name("apply.log")
     with _compiler_cache(cache), _output_to(log):
         baseline, _ = worker.measure_trial(spec("baseline", -1, baseline_knobs, not workload.trained),

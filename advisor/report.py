@@ -50,6 +50,8 @@ def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
         return f"{float(value):.2g}"
     if name == "checkpoint_every":
         return "off" if value == 0 else f"1/{value}"
+    if name == "serving_max_batch":
+        return f"b{value} w{float(knobs.get('serving_max_wait_ms', 0.0)):g}ms" if value else "off"
     return str(value)
 
 
@@ -64,20 +66,40 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
     return f"{text} ({r:.3f}x)" if name == "accuracy" else f"{text} ({r:.2f}x)"
 
 
-def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None) -> list[str]:
+def knob_columns(serving: bool = False) -> tuple[tuple[str, str], ...]:
+    return KNOB_COLUMNS + ((("serving_max_batch", "serve"),) if serving else ())
+
+
+def serving_study(study: optuna.Study) -> bool:
+    """Whether the study measures latency under a request rate (``--serving-rate``)."""
+    return bool(study.user_attrs.get("settings", {}).get("serving_rate"))
+
+
+def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
+                 serving: bool = False) -> list[str]:
     base = baseline["metrics"] if baseline else {}
     full = Knobs.from_dict(knobs).to_dict()  # conditional knobs a trial did not sample
-    cells = [label] + [knob_cell(k, full[k], full) for k, _ in KNOB_COLUMNS]
+    cells = [label] + [knob_cell(k, full[k], full) for k, _ in knob_columns(serving)]
     for o in OBJECTIVES:
-        spread = result.get("latency", {}).get("spread") if o.name == "latency_ms" else None
+        spread = None
+        if o.name == "latency_ms" and not serving:
+            spread = result.get("latency", {}).get("spread")
         cells.append(objective_cell(o.name, result["metrics"][o.name], base.get(o.name), spread))
+    if serving:
+        served = result.get("serving", {})
+        cells.append(f"{served.get('throughput_rps', 0):.0f}")
+        cells.append(f"{100 * served.get('overload_share', 0):.1f}%"
+                     + (" SATURATED" if served.get("saturated") else ""))
     cells.append(f"{result.get('train', {}).get('throughput', 0):.0f}")
     return cells
 
 
-def headers() -> list[str]:
-    cols = ["trial"] + [short for _, short in KNOB_COLUMNS]
-    cols += [f"{o.label} {o.unit}".strip() for o in OBJECTIVES]
+def headers(serving: bool = False) -> list[str]:
+    cols = ["trial"] + [short for _, short in knob_columns(serving)]
+    cols += ["p99 ms" if serving and o.name == "latency_ms" else f"{o.label} {o.unit}".strip()
+             for o in OBJECTIVES]
+    if serving:
+        cols += ["served/s", "overload"]
     return [*cols, "train samples/s"]
 
 
@@ -107,16 +129,25 @@ def study_report(study: optuna.Study, goal: str = "balanced", constraints: Const
         out.append(f"Study {study.study_name!r} on {hw.get('device')} ({hw.get('name')}), "
                    f"torch {hw.get('torch_version')}")
     rows = []
+    serving = serving_study(study)
     if baseline:
-        rows.append(measured_row("baseline", baseline["knobs"], baseline, None))
+        rows.append(measured_row("baseline", baseline["knobs"], baseline, None, serving))
     shown, feasible = front(study, constraints)
     for t in shown:
-        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline))
+        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline, serving))
     out.append(f"Pareto front: {len(shown)} of {feasible} trials that meet the constraints "
                f"({constraints.describe()}), of {len(done)} completed ({len(failed)} failed); "
-               f"ratios are to the baseline, latency ± is half the p10-p90 spread")
-    first = len(KNOB_COLUMNS) + 1
-    out.append(table(headers(), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
+               f"ratios are to the baseline"
+               + ("" if serving else ", latency ± is half the p10-p90 spread"))
+    if serving:
+        s = attrs["settings"]
+        out.append(f"Serving: {s['serving_rate']:g} requests/s (Poisson, {s['serving_requests']} "
+                   f"requests on a simulated clock fed by measured batch times); p99 is request "
+                   f"latency including the queue; overload = share of requests later than "
+                   f"{s['serving_deadline_ms']:g} ms; the baseline serves each request alone")
+    first = len(knob_columns(serving)) + 1
+    extra = 3 if serving else 1
+    out.append(table(headers(serving), rows, right=set(range(first, first + len(OBJECTIVES) + extra))))
     rec = rec or recommend.recommend_if_any(study, constraints, goal)
     if rec:
         out.append("")
@@ -156,15 +187,24 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
     lines = [f"{head} (goal {rec.goal}): #{rec.number}  {knobs.describe()}"]
     cells = []
     ratios = rec.ratios()
+    served = rec.result.get("serving")
     for o in OBJECTIVES:
         value = rec.metrics[o.name]
+        label = "p99 latency" if served and o.name == "latency_ms" else o.label
         if o.name == "accuracy":
             cells.append(f"accuracy {value:.4g} ({100 * (value - rec.baseline[o.name]):+.2f} points)")
         else:
             r = ratios[o.name]
-            cells.append(f"{o.label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
-                         else f"{o.label} {value:.3g} {o.unit}")
+            cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
+                         else f"{label} {value:.3g} {o.unit}")
     lines.append("  " + "   ".join(cells))
+    if served:
+        lines.append(
+            f"  serving at {served['rate']:g} requests/s: batches of up to {served['max_batch']}, "
+            f"waiting at most {served['max_wait_ms']:g} ms; p50 {served['p50_ms']:.3g} ms, p99 "
+            f"{served['p99_ms']:.3g} ms, {served['throughput_rps']:.0f} served/s, "
+            f"{100 * served['overload_share']:.1f}% later than {served['deadline_ms']:g} ms"
+            + (" (SATURATED: the rate exceeds what this model serves)" if served["saturated"] else ""))
     lines.append(f"  why: {rec.why}")
     for m in rec.misses:
         lines.append(f"  misses: {m.describe()}")
@@ -219,7 +259,8 @@ def render_applied(applied) -> str:
             diff = f"{100 * (now - then):+.2f} points"
         else:
             diff = f"{now / then:.2f}x" if then else "-"
-        rows.append([f"{o.label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}",
+        label = "p99 latency" if o.name == "latency_ms" and "serving" in applied.result else o.label
+        rows.append([f"{label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}",
                      f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-", diff])
     lines = [f"Applied {Knobs.from_dict(config.knobs.to_dict()).describe()}",
              f"(trial #{trial} of study {config.provenance.get('study')!r}, measured on "
@@ -227,6 +268,12 @@ def render_applied(applied) -> str:
              table(["objective", "baseline now", f"study #{trial}", "applied now", "vs baseline",
                     "vs study"], rows, right={1, 2, 3, 4, 5})]
     lines += [f"note: {n}" for n in applied.notes]
+    served = applied.result.get("serving")
+    if served:
+        lines.append(f"serve it behind a dynamic batcher: batches of up to {served['max_batch']}, "
+                     f"waiting at most {served['max_wait_ms']:g} ms (at {served['rate']:g} requests/s "
+                     f"now: p99 {served['p99_ms']:.3g} ms, {served['throughput_rps']:.0f} served/s, "
+                     f"{100 * served['overload_share']:.1f}% later than {served['deadline_ms']:g} ms)")
     if applied.artifact is not None:
         lines.append(f"saved {applied.artifact}: {applied.artifact_format}")
     return "\n".join(lines)
@@ -234,7 +281,8 @@ def render_applied(applied) -> str:
 
 def short_result(result: dict) -> str:
     m = result["metrics"]
-    return (f"acc {m['accuracy']:.4g}  lat {m['latency_ms']:.3g} ms  "
+    lat = f"p99 {m['latency_ms']:.3g} ms" if "serving" in result else f"lat {m['latency_ms']:.3g} ms"
+    return (f"acc {m['accuracy']:.4g}  {lat}  "
             f"mem {m['memory_mib']:.3g} MiB  size {m['size_mib']:.3g} MiB")
 
 

@@ -78,6 +78,16 @@ class ServiceTimes:
         return capacity_rps(self, max_batch)
 
 
+def bucket(n: int, max_batch: int) -> int:
+    """The batch size a batch of ``n`` requests runs at: padded to the next power of two, at
+    most ``max_batch``. A server keeps a few static shapes warm (a compiled or exported model
+    is specialized to its shapes), so it pads rather than running every size."""
+    size, cap = _positive_int("n", n), _positive_int("max_batch", max_batch)
+    if size > cap:
+        raise ValueError(f"a batch of {size} exceeds max_batch {cap}")
+    return min(1 << (size - 1).bit_length(), cap)
+
+
 def poisson_arrivals(rate: float, n: int, seed: int) -> np.ndarray:
     """``n`` arrival times in seconds of a Poisson process of ``rate`` requests/s, from 0."""
     if isinstance(rate, bool) or not isinstance(rate, Real) or not 0 < rate < math.inf:

@@ -40,6 +40,9 @@ PRUNE_RATIO = (0.1, pruning.MAX_RATIO)
 RATIO_KINDS = ("unstructured", "structured")
 ALPHA = (0.0, 1.0)
 TEMPERATURE = (1.0, distillation.MAX_TEMPERATURE)
+# Serving knobs, offered when a study measures under a request rate (advisor/serving.py).
+SERVING_MAX_BATCH = (1, 2, 4, 8, 16, 32, 64)
+SERVING_MAX_WAIT_MS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Knobs:
     quantization: str = "none"
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0  # ignored while distill_alpha is 0
+    # The dynamic batcher of a serving study; 0 = the study measures no serving load.
+    serving_max_batch: int = 0
+    serving_max_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         # Each technique's config validates its own value and names the known ones.
@@ -66,6 +72,12 @@ class Knobs:
         PruningConfig(self.prune_kind, self.prune_ratio)
         QuantizationConfig(self.quantization)
         DistillationConfig(self.distill_alpha, self.distill_temperature)
+        if isinstance(self.serving_max_batch, bool) or not isinstance(self.serving_max_batch, int) \
+                or self.serving_max_batch < 0:
+            raise ValueError(f"serving_max_batch must be an integer >= 0; got {self.serving_max_batch!r}")
+        if isinstance(self.serving_max_wait_ms, bool) or not isinstance(self.serving_max_wait_ms, (int, float)) \
+                or not 0 <= self.serving_max_wait_ms < math.inf:
+            raise ValueError(f"serving_max_wait_ms must be a number >= 0; got {self.serving_max_wait_ms!r}")
         if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive float; got {self.lr!r}")
         if self.quantization == "qat-int8" and (self.precision != "fp32" or self.checkpoint_every):
@@ -87,7 +99,13 @@ class Knobs:
         ckpt = "off" if self.checkpoint_every == 0 else f"1/{self.checkpoint_every}"
         return (f"{self.precision} accum={self.accumulation} ckpt={ckpt} "
                 f"compile={self.compile} lr={self.lr:.2g} prune={self.prune_label()} "
-                f"quant={self.quantization} kd={self.distill_label()}")
+                f"quant={self.quantization} kd={self.distill_label()}"
+                + (f" serve={self.serving_label()}" if self.serving_max_batch else ""))
+
+    def serving_label(self) -> str:
+        if not self.serving_max_batch:
+            return "off"
+        return f"b{self.serving_max_batch}/w{self.serving_max_wait_ms:g}ms"
 
     def prune_label(self) -> str:
         if self.prune_kind in ("none", "2:4"):
@@ -115,6 +133,9 @@ class Space:
     prune_ratio: tuple[float, float, float] = (*PRUNE_RATIO, STEP)
     distill_alpha: tuple[float, float, float] = (*ALPHA, STEP)
     distill_temperature: tuple[float, float, float] = (*TEMPERATURE, 0.5)
+    # Empty unless the study measures under a request rate.
+    serving_max_batch: tuple[int, ...] = ()
+    serving_max_wait_ms: tuple[float, ...] = ()
 
     def suggest(self, trial: optuna.Trial) -> Knobs:
         """A trial's knobs. Some are conditional: a knob that cannot matter is not sampled
@@ -138,6 +159,13 @@ class Space:
             values["precision"] = trial.suggest_categorical("precision", self.precision)
             values["checkpoint_every"] = trial.suggest_categorical("checkpoint_every",
                                                                    self.checkpoint_every)
+        if self.serving_max_batch:
+            batch = trial.suggest_categorical("serving_max_batch", self.serving_max_batch)
+            values["serving_max_batch"] = batch
+            # A batch of one never waits for company: the wait cannot matter.
+            values["serving_max_wait_ms"] = (
+                trial.suggest_categorical("serving_max_wait_ms", self.serving_max_wait_ms)
+                if batch > 1 else 0.0)
         return Knobs(**values)
 
     def grid(self) -> list[Knobs]:
@@ -161,7 +189,14 @@ class Space:
         names = [f.name for f in fields(Knobs)]
         ranges = {"lr": self.lr, "prune_ratio": (0.0, PRUNE_RATIO[1]), "distill_alpha": ALPHA,
                   "distill_temperature": TEMPERATURE}
-        for name, value in values.items():
+        checked = dict(values)
+        if not self.serving_max_batch:
+            for name in ("serving_max_batch", "serving_max_wait_ms"):
+                if checked.get(name):
+                    raise AdvisorError(f"{name} is a knob of serving studies only: add "
+                                       f"--serving-rate REQUESTS_PER_S to search it")
+                checked.pop(name, None)  # the default, 0, is what every plain trial has
+        for name, value in checked.items():
             if name not in names:
                 raise AdvisorError(f"unknown knob {name!r}; the knobs are {', '.join(names)}")
             if name in ranges:
@@ -193,7 +228,16 @@ class Space:
             "distill_temperature": list(self.distill_temperature[:2]),
             "blocks": self.blocks,
             "excluded": [e.to_dict() for e in self.excluded],
+            # Only serving spaces carry these, so spaces stored before them still compare equal.
+            **({"serving_max_batch": list(self.serving_max_batch),
+                "serving_max_wait_ms": list(self.serving_max_wait_ms)} if self.serving_max_batch else {}),
         }
+
+
+def baseline(lr: float, serving: bool = False) -> Knobs:
+    """The reference every trial is compared with: fp32 eager, nothing applied; under a
+    serving load, a server that runs each request alone (no dynamic batching)."""
+    return Knobs(lr=lr, serving_max_batch=1 if serving else 0)
 
 
 def _stepped(trial: optuna.Trial, name: str, bounds: tuple[float, float, float]) -> float:
@@ -229,7 +273,7 @@ class _Walk:
 
 
 def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
-          lr: float = DEFAULT_LR, keep: tuple[str, ...] = ()) -> Space:
+          lr: float = DEFAULT_LR, keep: tuple[str, ...] = (), serving: bool = False) -> Space:
     """The space this hardware and model can run well, with what it left out and why.
 
     ``example`` is a small batch of inputs: pruning and PT2E capture are tried on copies
@@ -252,4 +296,6 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
         quantization=tuple(quant),
         excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant),
         blocks=f"{path}: {len(blocks)} blocks" if blocks else "none",
+        serving_max_batch=SERVING_MAX_BATCH if serving else (),
+        serving_max_wait_ms=SERVING_MAX_WAIT_MS if serving else (),
     )

@@ -46,7 +46,8 @@ from advisor.workload import (
 )
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-SETTING_OPTIONS = ("trial_steps", "baseline_steps", "lr", "latency_batch", "latency_seconds")
+SETTING_OPTIONS = ("trial_steps", "baseline_steps", "lr", "latency_batch", "latency_seconds",
+                   "serving_rate", "serving_requests", "serving_deadline_ms")
 FORMAT = 2  # 2: compression knobs in the space
 PROBE_BATCH = 8  # inputs the space tries pruning and PT2E capture with
 
@@ -76,6 +77,9 @@ class RunOptions:
     lr: float | None = None
     latency_batch: int | None = None
     latency_seconds: float | None = None
+    serving_rate: float | None = None  # requests/s: measure p99 latency under this load
+    serving_requests: int | None = None
+    serving_deadline_ms: float | None = None
     # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
     enqueue: list[dict] = field(default_factory=list)
     # Constraints (recommend.Constraints): None takes the study's stored value, or the default.
@@ -353,7 +357,7 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
     settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
     constraints = _resolve_constraints(options, attrs.get("constraints") if study else None, study_name)
     search = space.build(hw, workload.model, workload.batch_size, example, lr=settings.lr,
-                         keep=workload.keep)
+                         keep=workload.keep, serving=settings.serving_rate > 0)
     queued = [search.check_values(values) for values in options.enqueue]
     if study:
         _check_resume(study_name, attrs, info, hw, search.to_dict())
@@ -395,7 +399,8 @@ def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progres
         return baseline
     label = "training and measuring the baseline" if need_training else "measuring the baseline"
     progress.start(0, label)
-    outcome = runner.run(spec("baseline", -1, space.Knobs(lr=settings.lr), need_training),
+    knobs = space.baseline(settings.lr, settings.serving_rate > 0)
+    outcome = runner.run(spec("baseline", -1, knobs, need_training),
                          options.trial_timeout, on_tick=progress.tick)
     if not outcome.ok:
         raise AdvisorError(
@@ -403,7 +408,7 @@ def _ensure_baseline(study, rdb, workload, cache, spec, runner, options, progres
             f" (log: {cache / 'logs' / 'baseline.log'})")
     if need_training:
         storage.put_blob(rdb, study.study_name, BASELINE_FILE, weights.read_bytes())
-    baseline = {**outcome.result, "knobs": space.Knobs(lr=settings.lr).to_dict()}
+    baseline = {**outcome.result, "knobs": knobs.to_dict()}
     study.set_user_attr("baseline", baseline)
     progress.finish(f"baseline: {short_result(outcome.result)}")
     return baseline

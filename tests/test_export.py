@@ -22,7 +22,7 @@ from workloads import MLP
 ALL_KNOBS = {"precision": "bf16", "accumulation": 4, "checkpoint_every": 2,
              "compile": "max-autotune-no-cudagraphs", "lr": 3e-4, "prune_kind": "structured",
              "prune_ratio": 0.3, "quantization": "int8-static", "distill_alpha": 0.7,
-             "distill_temperature": 2.5}
+             "distill_temperature": 2.5, "serving_max_batch": 16, "serving_max_wait_ms": 2.0}
 
 
 def exported(tmp_path, knobs: dict = ALL_KNOBS) -> dict:

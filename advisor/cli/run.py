@@ -58,6 +58,16 @@ def register(sub) -> None:
                    help="serving batch size of the latency objective (default: the workload's batch_size)")
     p.add_argument("--latency-seconds", type=float, metavar="S",
                    help="timing budget of each latency measurement (default 0.5)")
+    p.add_argument("--serving-rate", type=float, metavar="REQUESTS_PER_S",
+                   help="measure latency as a server sees it: requests arrive as a Poisson process "
+                        "at this rate, a dynamic batcher groups them (its max batch and max wait "
+                        "join the search), and the latency objective becomes p99 request latency "
+                        "(default: off)")
+    p.add_argument("--serving-requests", type=int, metavar="N",
+                   help="requests simulated per trial under --serving-rate (default 2000)")
+    p.add_argument("--serving-deadline-ms", type=float, metavar="MS",
+                   help="a served request slower than this counts as late, in the overload share "
+                        "(default 100)")
     p.add_argument("--threads", type=int, help="CPU threads per trial (default: all usable cores)")
     p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
                    help="data maps, baseline weights, logs and the compiler cache (default studies/cache)")

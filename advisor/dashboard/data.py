@@ -42,6 +42,7 @@ class Trials:
     baseline: dict | None
     recommended: int | None
     empty: str = ""
+    serving: dict | None = None  # the study's serving load (rate, requests, deadline), if any
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Row:
     metrics: dict  # objective -> value (absent for failed trials)
     ratios: dict
     reason: str
+    serving: dict = field(default_factory=dict)  # p50, throughput, overload under the serving load
 
 
 @dataclass
@@ -118,7 +120,15 @@ def trials(study: optuna.Study, constraints: Constraints, rec: Recommendation | 
                            "phase": failure.get("phase", "")})
     empty = "" if points else (f"no completed trial yet ({len(failed)} failed)" if failed
                                else "no trial yet")
-    return Trials(points, failed, base_metrics, rec.number if rec else None, empty)
+    return Trials(points, failed, base_metrics, rec.number if rec else None, empty,
+                  serving_load(study))
+
+
+def serving_load(study: optuna.Study) -> dict | None:
+    settings = study.user_attrs.get("settings", {})
+    if not settings.get("serving_rate"):
+        return None
+    return {k: settings[k] for k in ("serving_rate", "serving_requests", "serving_deadline_ms")}
 
 
 def _describe(params: dict) -> str:
@@ -175,7 +185,10 @@ def table(study: optuna.Study, constraints: Constraints) -> list[Row]:
             state = "infeasible"
         ratios = {k: v / base[k] for k, v in metrics.items() if base.get(k)}
         reason = failure_reason(t, all_trials) if t.state == TrialState.FAIL else ""
-        rows.append(Row(t.number, state, _describe(t.params), metrics, ratios, reason))
+        served = (result or {}).get("serving", {}) if metrics else {}
+        serving = {k: served[k] for k in ("p50_ms", "throughput_rps", "overload_share", "saturated")
+                   if k in served}
+        rows.append(Row(t.number, state, _describe(t.params), metrics, ratios, reason, serving))
     return rows
 
 

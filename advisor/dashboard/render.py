@@ -23,19 +23,22 @@ COLORS = {"front": "#d62728", "dominated": "#7f7f7f", "infeasible": "#c7c7c7",
 _CONFIG = {"displaylogo": False, "responsive": True}
 
 
-def _label(name: str) -> str:
+def _label(name: str, serving: bool = False) -> str:
     o = next(o for o in OBJECTIVES if o.name == name)
+    if serving and name == "latency_ms":
+        return "p99 request latency (ms)"
     return f"{o.label} ({o.unit})" if o.unit else o.label
 
 
-def _hover(point: data.Point) -> str:
+def _hover(point: data.Point, serving: bool = False) -> str:
     knobs = Knobs.from_dict(point.knobs).describe().replace(" ", "<br>")
-    values = "<br>".join(f"{_label(o.name)}: {point.metrics[o.name]:.4g}" for o in OBJECTIVES)
+    values = "<br>".join(f"{_label(o.name, serving)}: {point.metrics[o.name]:.4g}" for o in OBJECTIVES)
     return f"trial #{point.number} ({point.status})<br>{knobs}<br>{values}"
 
 
 def scatter_matrix(trials: data.Trials) -> go.Figure:
     dims = [o.name for o in OBJECTIVES]
+    serving = trials.serving is not None
     fig = go.Figure()
     for status in ("dominated", "infeasible", "front"):
         pts = [p for p in trials.points if p.status == status]
@@ -43,23 +46,24 @@ def scatter_matrix(trials: data.Trials) -> go.Figure:
             continue
         fig.add_trace(go.Splom(
             name=f"{status} ({len(pts)})",
-            dimensions=[{"label": _label(d), "values": [p.metrics[d] for p in pts]} for d in dims],
-            text=[_hover(p) for p in pts], hoverinfo="text",
+            dimensions=[{"label": _label(d, serving), "values": [p.metrics[d] for p in pts]} for d in dims],
+            text=[_hover(p, serving) for p in pts], hoverinfo="text",
             marker={"color": COLORS[status], "size": 7 if status == "front" else 5,
                     "line": {"width": 0.5, "color": "white"}},
             diagonal_visible=False, showupperhalf=False))
     if trials.baseline:
         fig.add_trace(go.Splom(
-            name="baseline", dimensions=[{"label": _label(d), "values": [trials.baseline[d]]} for d in dims],
-            text=["baseline<br>" + "<br>".join(f"{_label(d)}: {trials.baseline[d]:.4g}" for d in dims)],
+            name="baseline",
+            dimensions=[{"label": _label(d, serving), "values": [trials.baseline[d]]} for d in dims],
+            text=["baseline<br>" + "<br>".join(f"{_label(d, serving)}: {trials.baseline[d]:.4g}" for d in dims)],
             hoverinfo="text", marker={"color": COLORS["baseline"], "size": 13, "symbol": "star"},
             diagonal_visible=False, showupperhalf=False))
     rec = next((p for p in trials.points if p.number == trials.recommended), None)
     if rec is not None:
         fig.add_trace(go.Splom(
             name=f"recommended (#{rec.number})",
-            dimensions=[{"label": _label(d), "values": [rec.metrics[d]]} for d in dims],
-            text=["recommended<br>" + _hover(rec)], hoverinfo="text",
+            dimensions=[{"label": _label(d, serving), "values": [rec.metrics[d]]} for d in dims],
+            text=["recommended<br>" + _hover(rec, serving)], hoverinfo="text",
             marker={"color": COLORS["recommended"], "size": 14, "symbol": "diamond",
                     "line": {"width": 1, "color": "black"}},
             diagonal_visible=False, showupperhalf=False))
@@ -81,7 +85,8 @@ def parallel(trials: data.Trials) -> go.Figure:
             dims.append({"label": k, "values": [levels.index(str(v)) for v in values],
                          "tickvals": list(range(len(levels))), "ticktext": levels})
     for o in OBJECTIVES:
-        dims.append({"label": _label(o.name), "values": [p.metrics[o.name] for p in points]})
+        dims.append({"label": _label(o.name, trials.serving is not None),
+                     "values": [p.metrics[o.name] for p in points]})
     color = [{"front": 2, "dominated": 1, "infeasible": 0}[p.status] for p in points]
     fig = go.Figure(go.Parcoords(
         dimensions=dims,
@@ -127,9 +132,10 @@ def _empty(reason: str) -> str:
     return f'<p class="empty">Empty: {html.escape(reason)}.</p>'
 
 
-def _trials_table(rows: list[data.Row]) -> str:
+def _trials_table(rows: list[data.Row], serving: bool = False) -> str:
     e = html.escape
-    head = ["trial", "state"] + [_label(o.name) for o in OBJECTIVES] + ["knobs", "reason"]
+    extra = ["p50 request latency (ms)", "served requests/s", "overload share"] if serving else []
+    head = ["trial", "state"] + [_label(o.name, serving) for o in OBJECTIVES] + extra + ["knobs", "reason"]
     out = ['<table class="sortable" id="trials"><thead><tr>']
     out += [f'<th data-col="{i}">{e(h)}</th>' for i, h in enumerate(head)]
     out.append("</tr></thead><tbody>")
@@ -142,6 +148,12 @@ def _trials_table(rows: list[data.Row]) -> str:
                 cells.append((r.metrics[o.name], text))
             else:
                 cells.append(("", ""))
+        if serving:
+            sv = r.serving
+            cells += [(sv["p50_ms"], f"{sv['p50_ms']:.3g}") if sv else ("", ""),
+                      (sv["throughput_rps"], f"{sv['throughput_rps']:.0f}") if sv else ("", ""),
+                      (sv["overload_share"], f"{100 * sv['overload_share']:.1f}%"
+                       + (" saturated" if sv["saturated"] else "")) if sv else ("", "")]
         cells += [(r.knobs, r.knobs), (r.reason, r.reason)]
         out.append(f'<tr class="{e(r.state)}">' + "".join(
             f'<td data-value="{e(str(v))}">{e(str(t))}</td>' for v, t in cells) + "</tr>")
@@ -227,6 +239,13 @@ def page(panels: dict, recommendation_text: str) -> str:
     failed = len(trials.failed)
     note = (f"<p>{failed} failed trial{' has' if failed == 1 else 's have'} no measurements: "
             f"see the table of all trials below.</p>") if failed else ""
+    if trials.serving:
+        sv = trials.serving
+        note += (f"<p>Serving load: {sv['serving_rate']:g} requests/s, Poisson arrivals, "
+                 f"{sv['serving_requests']} requests on a simulated clock fed by each model's "
+                 f"measured batch times; latency is p99 request latency with queueing; overload "
+                 f"counts requests later than {sv['serving_deadline_ms']:g} ms. The baseline "
+                 f"serves each request alone.</p>")
     section("Pareto front: every pair of objectives", note + body, "pareto")
     section("From knobs to objectives", _empty(trials.empty) if trials.empty or len(trials.points) < 2
             else _figure(parallel(trials), "parallel"), "parallel-panel")
@@ -241,7 +260,8 @@ def page(panels: dict, recommendation_text: str) -> str:
     section(f"Recommended trial #{b.number}: where time and memory went" if b.number is not None
             else "Recommended trial", _empty(b.empty) if b.empty
             else _figure(breakdown(b), "breakdown") + _operators(b.operators), "breakdown-panel")
-    section("All trials (click a column to sort)", _trials_table(panels["table"]) if panels["table"]
+    section("All trials (click a column to sort)",
+            _trials_table(panels["table"], trials.serving is not None) if panels["table"]
             else _empty("no trial yet"), "table-panel")
     section("Hardware, software and the search space", _context(ctx), "context")
     title = f"advisor: study {ctx.study}"

@@ -23,6 +23,11 @@ class Settings:
     latency_seconds: float = 0.5  # timing budget of each latency measurement
     profile_steps: int = 3  # training steps and inference batches run under the profiler
     seed: int = 0  # data order and initialization of every trial
+    # Serving (advisor/serving.py): requests/s of the simulated Poisson load, 0 = off; the
+    # requests simulated per trial; the latency past which a served request counts as late.
+    serving_rate: float = 0.0
+    serving_requests: int = 2000
+    serving_deadline_ms: float = 100.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -37,10 +42,10 @@ class Settings:
                 f"--trial-steps must exceed the {self.warmup_steps} warm-up steps that "
                 f"throughput leaves out; got {self.trial_steps}"
             )
-        for name in ("baseline_steps", "profile_steps", "seed"):
+        for name in ("baseline_steps", "profile_steps", "seed", "serving_rate"):
             if getattr(self, name) < 0:
                 raise AdvisorError(f"{flag(name)} must be >= 0; got {getattr(self, name)}")
-        for name in ("lr", "latency_seconds", "latency_batch"):
+        for name in ("lr", "latency_seconds", "latency_batch", "serving_requests", "serving_deadline_ms"):
             if not getattr(self, name) > 0:
                 raise AdvisorError(f"{flag(name)} must be > 0; got {getattr(self, name)}")
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import tqdm
 
+from advisor import serving
 from advisor.data import MappedSplit, to_device
 from advisor.errors import AdvisorError
 from advisor.space import Knobs
@@ -217,6 +218,11 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     latency_b1 = measure.time_calls(lambda: infer(one), device,
                                     budget_s=settings.latency_seconds / 2)
 
+    serve = None
+    if settings.serving_rate > 0 and knobs.serving_max_batch:
+        phase("serving")
+        serve = measure_serving(infer, val, knobs, settings, device)
+
     phase("evaluate")
     accuracy = measure.evaluate(deploy.run, val, metric, batch=settings.latency_batch,
                                 device=device, autocast=precision.autocast(autocast_on, device.type))
@@ -238,17 +244,23 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     compile_s = report.compile_s
     if deploy.info["compile"] != "none":
         # The first inference calls at each batch size compiled their graphs.
-        for timing in (latency, latency_b1):
+        for timing in (latency, latency_b1, *(serve["timings"].values() if serve else ())):
             compile_s += max(0.0, (timing.first_ms - timing.median_ms) / 1e3)
     result = {
         "metrics": {
             "accuracy": accuracy,
-            "latency_ms": latency.median_ms,
+            # Under a serving load the latency objective is what a request sees: p99.
+            "latency_ms": serve["result"].p99_ms if serve else latency.median_ms,
             "memory_mib": memory.memory_mib,
             "size_mib": size / MIB,
         },
         "latency": latency.to_dict(),
         "latency_batch1": latency_b1.to_dict(),
+        **({"serving": {**serve["result"].to_dict(), "rate": settings.serving_rate,
+                        "deadline_ms": settings.serving_deadline_ms,
+                        "max_batch": knobs.serving_max_batch, "max_wait_ms": knobs.serving_max_wait_ms,
+                        "batch_ms": {str(b): t.to_dict() for b, t in serve["timings"].items()}}}
+           if serve else {}),
         "train": {
             "throughput": report.throughput,
             "step_ms": report.step_ms,
@@ -268,6 +280,27 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         "profile": {"train": train_ops, "inference": infer_ops},
     }
     return result, deploy
+
+
+def measure_serving(infer, val: MappedSplit, knobs: Knobs, settings, device: torch.device) -> dict:
+    """Request latency under the study's Poisson load: the simulated batcher and server of
+    ``advisor/serving.py``, fed by this model's measured median time at each padded batch size
+    the simulation forms (measured once each, on first use, like the latency objective)."""
+    timings: dict[int, measure.Timing] = {}
+
+    def time_batch(size: int) -> float:
+        inputs, _ = val.batch(np.arange(size) % len(val))
+        inputs = to_device(inputs, device)
+        timings[size] = measure.time_calls(lambda: infer(inputs), device,
+                                           budget_s=settings.latency_seconds / 2)
+        return timings[size].median_ms / 1e3
+
+    padded = serving.ServiceTimes(time_batch)
+    config = serving.ServingConfig(knobs.serving_max_batch, knobs.serving_max_wait_ms)
+    arrivals = serving.poisson_arrivals(settings.serving_rate, settings.serving_requests, settings.seed)
+    result = serving.simulate(arrivals, lambda n: padded(serving.bucket(n, config.max_batch)), config,
+                              deadline_ms=settings.serving_deadline_ms)
+    return {"result": result, "timings": dict(sorted(timings.items()))}
 
 
 def calibration_batches(train: MappedSplit, batch: int, device: torch.device,

@@ -1,0 +1,126 @@
+"""Serving-aware studies: the serving knobs in the space, the p99 objective, and what the
+terminal, the dashboard and the export show (the simulator itself: test_serving.py)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+from advisor import export, serving, space
+from advisor.errors import AdvisorError
+from conftest import FAST_ARGS, PLAIN, cli
+from test_search_bench import FULL
+
+
+def test_serving_knobs_join_the_space_only_under_a_rate():
+    plain = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = plain.ask()
+        knobs = FULL.suggest(trial)
+        assert knobs.serving_max_batch == 0 and not any(p.startswith("serving") for p in trial.params)
+    served = space.Space(**{**FULL.__dict__, "serving_max_batch": space.SERVING_MAX_BATCH,
+                            "serving_max_wait_ms": space.SERVING_MAX_WAIT_MS})
+    seen = set()
+    for _ in range(60):
+        trial = plain.ask()
+        knobs = served.suggest(trial)
+        seen.add(knobs.serving_max_batch)
+        assert knobs.serving_max_batch in space.SERVING_MAX_BATCH
+        if knobs.serving_max_batch == 1:
+            # A batch of one never waits for company: the wait is not sampled.
+            assert "serving_max_wait_ms" not in trial.params and knobs.serving_max_wait_ms == 0
+    assert len(seen) > 3
+    assert "serving_max_batch" not in FULL.to_dict() and served.to_dict()["serving_max_batch"] == [
+        1, 2, 4, 8, 16, 32, 64]
+
+
+def test_serving_knobs_outside_a_serving_study_are_refused_with_the_fix():
+    with pytest.raises(AdvisorError, match="add --serving-rate"):
+        FULL.check_values({"serving_max_batch": 8})
+    FULL.check_values({"serving_max_batch": 0})  # the default is what every plain trial has
+
+
+def test_the_baseline_serves_each_request_alone():
+    assert space.baseline(1e-3, serving=True).serving_max_batch == 1
+    assert space.baseline(1e-3).serving_max_batch == 0
+
+
+def test_batches_are_padded_to_powers_of_two_up_to_max_batch():
+    assert [serving.bucket(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert serving.bucket(5, 6) == 6
+    with pytest.raises(ValueError, match="exceeds max_batch"):
+        serving.bucket(17, 16)
+
+
+def test_a_config_written_before_the_serving_knobs_still_loads(tmp_path):
+    from test_export import exported
+
+    content = exported(tmp_path)
+    for name in ("serving_max_batch", "serving_max_wait_ms"):
+        content["knobs"].pop(name)
+    path = export.write(content, tmp_path / "old.yaml")
+    assert export.load_config(path).knobs.serving_max_batch == 0
+
+
+SERVE = {**PLAIN, "serving_max_batch": 8, "serving_max_wait_ms": 2}
+
+
+def _try(knobs: dict) -> list[str]:
+    return ["--sampler", "random", "--seed", "0", "--try", ",".join(f"{k}={v}" for k, v in knobs.items())]
+
+
+def test_a_serving_study_shows_p99_throughput_and_overload_everywhere(workdir):
+    result = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS,
+                 "--serving-rate", "2000", "--serving-requests", "500", *_try(SERVE))
+    assert result.code == 0, result.err
+    out = result.out
+    assert "Serving: 2000 requests/s" in out
+    for column in ("serve", "p99 ms", "served/s", "overload"):
+        assert column in out.split("Pareto front")[1]
+    assert "b8 w2ms" in out and "b1 w0ms" in out  # the trial and the baseline's lone requests
+    assert "serving at 2000 requests/s: batches of up to 8, waiting at most 2 ms" in out
+    stored = optuna.load_study(study_name="tensor-mlp", storage="sqlite:///studies/advisor.db")
+    t = stored.trials[0]
+    served = t.user_attrs["result"]["serving"]
+    assert t.values[1] == pytest.approx(served["p99_ms"]), "the latency objective is p99 under load"
+    assert served["requests"] == 500 and served["served"] + served["dropped"] == 500
+    assert set(served["batch_ms"]) <= {"1", "2", "4", "8"} and "8" in served["batch_ms"]
+    # The baseline runs each request alone: its only measured batch size is 1.
+    assert set(stored.user_attrs["baseline"]["serving"]["batch_ms"]) == {"1"}
+
+    page = (workdir / "dashboards" / "tensor-mlp.html").read_text()
+    assert "p99 request latency (ms)" in page and "Serving load: 2000 requests/s" in page
+    assert "served requests/s" in page
+
+    assert cli("export", "--study", "tensor-mlp", "-o", "rec.yaml").code == 0
+    content = yaml.safe_load((workdir / "rec.yaml").read_text())
+    assert content["knobs"]["serving_max_batch"] in (1, 8)
+    assert content["serving"]["rate"] == 2000 and content["serving"]["requests"] == 500
+    assert export.load_config(workdir / "rec.yaml").knobs.serving_max_batch == content["knobs"]["serving_max_batch"]
+
+
+def test_a_rate_beyond_capacity_is_reported_not_hidden(workdir):
+    result = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS,
+                 "--serving-rate", "10000000", "--serving-requests", "3000",
+                 "--serving-deadline-ms", "1", *_try({**SERVE, "serving_max_batch": 1}))
+    assert result.code == 0, result.err
+    assert "SATURATED" in result.out
+    stored = optuna.load_study(study_name="tensor-mlp", storage="sqlite:///studies/advisor.db")
+    served = stored.trials[0].user_attrs["result"]["serving"]
+    assert served["saturated"] and served["overload_share"] > 0.5
+    assert served["throughput_rps"] < served["offered_rps"]
+    json.dumps(served)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--serving-rate", "-5"], "--serving-rate must be >= 0"),
+    (["--serving-requests", "0"], "--serving-requests must be > 0"),
+    (["--serving-deadline-ms", "0"], "--serving-deadline-ms must be > 0"),
+    (["--try", "serving_max_batch=8"], "add --serving-rate"),
+])
+def test_bad_serving_input_gets_one_line(workdir, flags, message):
+    result = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS, *flags)
+    assert result.code != 0 and message in result.err and "Traceback" not in result.err
