@@ -28,6 +28,8 @@ KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "
 PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",
               "torch", "torchao", "advisor", "settings", "measured_at", "exported_at")
 _KNOB_TYPES = {"str": str, "int": int, "float": float}
+# Knobs added after schema 1 was first written: a file without them means their default.
+_LATER_KNOBS = ("max_tokens",)
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,12 @@ def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[s
 
 def _knobs(section: object, where: str) -> Knobs:
     types = {f.name: _KNOB_TYPES[f.type] for f in fields(Knobs)}
-    _keys(section, tuple(types), f"{where}: knobs", required=tuple(types))
+    _keys(section, tuple(types), f"{where}: knobs",
+          required=tuple(k for k in types if k not in _LATER_KNOBS))
     values = {}
     for name, kind in types.items():
+        if name not in section:
+            continue
         value = section[name]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

@@ -22,6 +22,12 @@ from advisor.space import Knobs
 KNOB_COLUMNS = (("precision", "precision"), ("accumulation", "accum"),
                 ("checkpoint_every", "ckpt"), ("compile", "compile"), ("lr", "lr"),
                 ("prune_kind", "prune"), ("quantization", "quant"), ("distill_alpha", "kd"))
+# Shown only for studies whose space offers token budgets (variable-length workloads).
+TOKENS_COLUMN = (("max_tokens", "tokens"),)
+
+
+def knob_columns(space: dict | None) -> tuple[tuple[str, str], ...]:
+    return KNOB_COLUMNS + (TOKENS_COLUMN if (space or {}).get("max_tokens") else ())
 
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
@@ -50,6 +56,8 @@ def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
         return f"{float(value):.2g}"
     if name == "checkpoint_every":
         return "off" if value == 0 else f"1/{value}"
+    if name == "max_tokens":
+        return "fixed" if value == 0 else str(value)
     return str(value)
 
 
@@ -64,10 +72,11 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
     return f"{text} ({r:.3f}x)" if name == "accuracy" else f"{text} ({r:.2f}x)"
 
 
-def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None) -> list[str]:
+def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
+                 columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS) -> list[str]:
     base = baseline["metrics"] if baseline else {}
     full = Knobs.from_dict(knobs).to_dict()  # conditional knobs a trial did not sample
-    cells = [label] + [knob_cell(k, full[k], full) for k, _ in KNOB_COLUMNS]
+    cells = [label] + [knob_cell(k, full[k], full) for k, _ in columns]
     for o in OBJECTIVES:
         spread = result.get("latency", {}).get("spread") if o.name == "latency_ms" else None
         cells.append(objective_cell(o.name, result["metrics"][o.name], base.get(o.name), spread))
@@ -75,8 +84,8 @@ def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None) -
     return cells
 
 
-def headers() -> list[str]:
-    cols = ["trial"] + [short for _, short in KNOB_COLUMNS]
+def headers(columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS) -> list[str]:
+    cols = ["trial"] + [short for _, short in columns]
     cols += [f"{o.label} {o.unit}".strip() for o in OBJECTIVES]
     return [*cols, "train samples/s"]
 
@@ -107,16 +116,17 @@ def study_report(study: optuna.Study, goal: str = "balanced", constraints: Const
         out.append(f"Study {study.study_name!r} on {hw.get('device')} ({hw.get('name')}), "
                    f"torch {hw.get('torch_version')}")
     rows = []
+    columns = knob_columns(attrs.get("space"))
     if baseline:
-        rows.append(measured_row("baseline", baseline["knobs"], baseline, None))
+        rows.append(measured_row("baseline", baseline["knobs"], baseline, None, columns))
     shown, feasible = front(study, constraints)
     for t in shown:
-        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline))
+        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline, columns))
     out.append(f"Pareto front: {len(shown)} of {feasible} trials that meet the constraints "
                f"({constraints.describe()}), of {len(done)} completed ({len(failed)} failed); "
                f"ratios are to the baseline, latency ± is half the p10-p90 spread")
-    first = len(KNOB_COLUMNS) + 1
-    out.append(table(headers(), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
+    first = len(columns) + 1
+    out.append(table(headers(columns), rows, right=set(range(first, first + len(OBJECTIVES) + 1))))
     rec = rec or recommend.recommend_if_any(study, constraints, goal)
     if rec:
         out.append("")

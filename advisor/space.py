@@ -16,8 +16,10 @@ from torch import nn
 from advisor.errors import AdvisorError
 from advisor.hardware import Hardware
 from advisor.techniques import (
+    ANY,
     Exclusion,
     accumulation,
+    batching,
     checkpointing,
     compile,
     distillation,
@@ -26,6 +28,7 @@ from advisor.techniques import (
     quantization,
 )
 from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.batching import BatchingConfig, Lengths
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
@@ -56,6 +59,7 @@ class Knobs:
     quantization: str = "none"
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0  # ignored while distill_alpha is 0
+    max_tokens: int = 0  # 0: fixed-size batches; else token-budget micro-batches (batching.py)
 
     def __post_init__(self) -> None:
         # Each technique's config validates its own value and names the known ones.
@@ -66,6 +70,9 @@ class Knobs:
         PruningConfig(self.prune_kind, self.prune_ratio)
         QuantizationConfig(self.quantization)
         DistillationConfig(self.distill_alpha, self.distill_temperature)
+        if BatchingConfig(self.max_tokens).enabled and self.accumulation != 1:
+            raise ValueError("max_tokens > 0 splits each step into micro-batches by tokens: it "
+                             "takes accumulation 1")
         if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive float; got {self.lr!r}")
         if self.quantization == "qat-int8" and (self.precision != "fp32" or self.checkpoint_every):
@@ -87,7 +94,8 @@ class Knobs:
         ckpt = "off" if self.checkpoint_every == 0 else f"1/{self.checkpoint_every}"
         return (f"{self.precision} accum={self.accumulation} ckpt={ckpt} "
                 f"compile={self.compile} lr={self.lr:.2g} prune={self.prune_label()} "
-                f"quant={self.quantization} kd={self.distill_label()}")
+                f"quant={self.quantization} kd={self.distill_label()}"
+                + (f" tokens={self.max_tokens}" if self.max_tokens else ""))
 
     def prune_label(self) -> str:
         if self.prune_kind in ("none", "2:4"):
@@ -111,6 +119,7 @@ class Space:
     quantization: tuple[str, ...]
     excluded: tuple[Exclusion, ...]
     blocks: str
+    max_tokens: tuple[int, ...] = (0,)  # more than (0,) only for a variable-length workload
 
     def suggest(self, trial: optuna.Trial) -> Knobs:
         """A trial's knobs. Some are conditional: a knob that cannot matter is not sampled
@@ -118,9 +127,12 @@ class Space:
         checkpointing, so the sampler never spends trials telling equal configs apart."""
         quant = trial.suggest_categorical("quantization", self.quantization)
         kind = trial.suggest_categorical("prune_kind", self.prune_kind)
+        # Asked only where budgets are offered, so other studies sample what they always did;
+        # a budget replaces accumulation.
+        tokens = trial.suggest_categorical("max_tokens", self.max_tokens) if len(self.max_tokens) > 1 else 0
         values = {
-            "quantization": quant, "prune_kind": kind,
-            "accumulation": trial.suggest_categorical("accumulation", self.accumulation),
+            "quantization": quant, "prune_kind": kind, "max_tokens": tokens,
+            "accumulation": trial.suggest_categorical("accumulation", self.accumulation) if not tokens else 1,
             "compile": trial.suggest_categorical("compile", self.compile),
             "lr": trial.suggest_float("lr", *self.lr, log=True),
             "distill_alpha": trial.suggest_float("distill_alpha", *ALPHA, step=STEP),
@@ -149,7 +161,7 @@ class Space:
                 if isinstance(value, bool) or not (isinstance(value, (int, float)) and low <= value <= high):
                     raise AdvisorError(f"{name} must be between {low:g} and {high:g}; got {value!r}")
             elif value not in getattr(self, name):
-                reasons = [e.reason for e in self.excluded if e.knob == name and e.value == value]
+                reasons = [e.reason for e in self.excluded if e.knob == name and e.value in (value, ANY)]
                 why = f" ({reasons[0]})" if reasons else ""
                 raise AdvisorError(
                     f"{name} must be one of {list(getattr(self, name))} here; got {value!r}{why}")
@@ -173,15 +185,32 @@ class Space:
             "distill_temperature": list(TEMPERATURE),
             "blocks": self.blocks,
             "excluded": [e.to_dict() for e in self.excluded],
+            **({"max_tokens": list(self.max_tokens)} if len(self.max_tokens) > 1 else {}),
         }
 
 
+def same_search(stored: dict | None, current: dict) -> bool:
+    """Whether a study recorded over the space ``stored`` may go on over ``current``.
+
+    The ``max_tokens`` exclusions follow from the workload's data, which the study checks
+    apart: a study recorded before the knob existed has none and resumes.
+    """
+    def without(space: dict | None) -> dict | None:
+        if space is None:
+            return None
+        kept = [e for e in space.get("excluded", []) if e.get("knob") != batching.KNOB]
+        return {**space, "excluded": kept}
+
+    return without(stored) == without(current)
+
+
 def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
-          lr: float = DEFAULT_LR, keep: tuple[str, ...] = ()) -> Space:
+          lr: float = DEFAULT_LR, keep: tuple[str, ...] = (), lengths: Lengths | None = None) -> Space:
     """The space this hardware and model can run well, with what it left out and why.
 
     ``example`` is a small batch of inputs: pruning and PT2E capture are tried on copies
     of the model with it, so a kind or mode the model cannot take is never sampled.
+    ``lengths`` (a variable-length workload's) sizes the token budgets offered.
     """
     prec, ex_prec = precision.options(hw)
     acc, ex_acc = accumulation.options(batch_size)
@@ -189,6 +218,7 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
     comp, ex_comp = compile.options(hw)
     kinds, ex_prune = pruning.options(hw, model, example, keep)
     quant, ex_quant = quantization.options(hw, model, example)
+    tokens, ex_tokens = batching.options(batch_size, lengths, model, example)
     path, blocks = checkpointing.find_blocks(model)
     return Space(
         precision=tuple(prec),
@@ -198,6 +228,7 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
         lr=(lr / 10, lr * 3),
         prune_kind=tuple(kinds),
         quantization=tuple(quant),
-        excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant),
+        excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant + ex_tokens),
         blocks=f"{path}: {len(blocks)} blocks" if blocks else "none",
+        max_tokens=tuple(tokens),
     )

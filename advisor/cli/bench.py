@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from advisor import bench
+from advisor import bench, bench_varlen
 from advisor.errors import AdvisorError
 from advisor.report import Progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: overhead, each technique alone, local workers",
+    p = sub.add_parser("bench", help="benchmarks: overhead, each technique alone, local workers, "
+                       "token-budget batching",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
@@ -36,6 +37,18 @@ def register(sub) -> None:
     w.add_argument("--json", default="studies/bench-workers.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-workers.json)")
     w.set_defaults(handler=workers)
+    v = which.add_parser("varlen", help="fixed-size batches against token budgets on a variable-length "
+                         "workload, the same samples each")
+    v.add_argument("--model", default=bench_varlen.TEXT, metavar="MODULE:FUNCTION",
+                   help=f"a variable-length workload (default {bench_varlen.TEXT})")
+    v.add_argument("--samples", type=int, default=3200, help="training samples per run (default 3200)")
+    v.add_argument("--repeats", type=int, default=3, help="runs of each batching (default 3)")
+    v.add_argument("--budgets", metavar="N,N,...",
+                   help="max_tokens values to compare (default: the space's, and the whole step)")
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    v.add_argument("--json", default="studies/bench-varlen.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-varlen.json)")
+    v.set_defaults(handler=varlen)
 
 
 def _write(path: str, report: dict) -> None:
@@ -69,5 +82,21 @@ def workers(args: argparse.Namespace) -> int:
         raise AdvisorError(f"--trials must be a positive integer; got {args.trials}")
     report = bench.workers(trials=args.trials)
     print(bench.render_workers(report))
+    _write(args.json, report)
+    return 0
+
+
+def varlen(args: argparse.Namespace) -> int:
+    budgets = None
+    if args.budgets:
+        try:
+            budgets = [int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise AdvisorError(f"--budgets must be integers separated by commas; got {args.budgets!r}") from None
+        if any(b < 1 for b in budgets):
+            raise AdvisorError(f"--budgets must be positive token counts; got {args.budgets!r}")
+    report = bench_varlen.varlen(args.model, samples=args.samples, repeats=args.repeats, budgets=budgets,
+                                 device=args.device, on_run=lambda line: print(line, flush=True))
+    print(bench_varlen.render(report))
     _write(args.json, report)
     return 0
