@@ -174,6 +174,16 @@ class MappedSplit:
     def __len__(self) -> int:
         return self.n
 
+    def input_leaf(self, key: str | int) -> np.ndarray:
+        """One input of every sample, read-only: a dict key, or a tuple position."""
+        lay = self.layout
+        if lay.kind == "dict" and isinstance(key, str) and key in lay.keys:
+            return self._arrays[lay.keys.index(key)]
+        if lay.kind == "tuple" and isinstance(key, int) and not isinstance(key, bool) \
+                and 0 <= key < lay.n:
+            return self._arrays[key]
+        raise AdvisorError(f"there is no input {key!r}: the inputs are {lay.describe()}")
+
     def batch(self, index: np.ndarray | slice) -> tuple[Any, torch.Tensor]:
         """``(inputs, target)`` for the samples at ``index``, in the workload's input form."""
         leaves = []

@@ -26,8 +26,8 @@ SCHEMA = 1
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
         "provenance", "serving")
 REQUIRED = KEYS[:-1]  # "serving" only in configs of serving studies
-# Knobs a config may leave out (files written before they existed): their defaults apply.
-OPTIONAL_KNOBS = ("serving_max_batch", "serving_max_wait_ms")
+# Knobs added after schema 1 was first written: a file without them means their default.
+OPTIONAL_KNOBS = ("max_tokens", "serving_max_batch", "serving_max_wait_ms")
 SERVING = ("rate", "requests", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
            "throughput_rps", "overload_share", "saturated")
 PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",

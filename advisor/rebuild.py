@@ -8,8 +8,8 @@ saves it (a ``torch.export`` program where the model allows, else its state dict
 knobs), and returns the re-measured figures beside the study's.
 
 ``training_setup`` gives a training loop of the user's own the training-side knobs: the
-autocast context, the grad scaler, the accumulation steps and the checkpointed, compiled
-model.
+autocast context, the grad scaler, the accumulation steps (or the token budget's
+micro-batches) and the checkpointed, compiled model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from advisor.export import Config
 from advisor.techniques import checkpointing, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.batching import BatchingConfig, TokenBudgetSampler
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
@@ -70,7 +71,8 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
     cache = Path(cache_dir).resolve() / ("apply-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", workload.name or "model"))
     core.prepare_cache(workload, ref, cache)
     search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
-                         lr=settings.lr, keep=workload.keep, serving=settings.serving_rate > 0)
+                         lr=settings.lr, keep=workload.keep, serving=settings.serving_rate > 0,
+                         lengths=core.sample_lengths(workload, cache))
     knobs = config.knobs.to_dict()
     search.check_values({k: v for k, v in knobs.items() if k != "lr"})
     notes = []
@@ -82,7 +84,7 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         return TrialSpec(role=role, number=number, knobs=values, settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
                          device=hw.device, threads=threads or hw.cores, keep=workload.keep,
-                         train_baseline=train)
+                         lengths=workload.lengths, train_baseline=train)
 
     weights = cache / worker.BASELINE_FILE
     if workload.trained:
@@ -178,6 +180,11 @@ class TrainingSetup:
             (setup.scaler.scale(loss) if setup.scaler else loss).backward()
             if (i + 1) % setup.accumulation_steps == 0:
                 ...  # optimizer step (through setup.scaler when it is set), zero_grad
+
+    With a token budget (``max_tokens`` > 0, accumulation 1), ``steps(lengths, batch_size)``
+    gives each optimizer step's micro-batches of sample indices instead: cut each one's
+    padding with ``advisor.techniques.batching.trim`` and weight its loss by its share of
+    the step's samples, ``len(micro_batch) / sum(len(m) for m in step)``.
     """
 
     model: nn.Module  # checkpointed and compiled as recorded: call this one
@@ -187,12 +194,20 @@ class TrainingSetup:
     precision: str
     device_type: str
     checkpointed_blocks: int
+    max_tokens: int = 0  # 0: fixed-size batches
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return precision.autocast(PrecisionConfig(self.precision), self.device_type)
 
     def micro_batch(self, batch_size: int) -> int:
         return AccumulationConfig(self.accumulation_steps).micro_batch(batch_size)
+
+    def steps(self, lengths, batch_size: int, seed: int = 0) -> TokenBudgetSampler:
+        """Under a token budget: a sampler whose ``next_step()`` gives a step's micro-batches
+        (index arrays); ``lengths`` are the samples' token counts."""
+        if not BatchingConfig(self.max_tokens).enabled:
+            raise AdvisorError("this config trains fixed-size batches (max_tokens 0); use micro_batch()")
+        return TokenBudgetSampler(lengths, self.max_tokens, batch_size, seed)
 
 
 def training_setup(config: Config, model: nn.Module, device_type: str | None = None) -> TrainingSetup:
@@ -206,4 +221,4 @@ def training_setup(config: Config, model: nn.Module, device_type: str | None = N
         accumulation_steps=knobs.accumulation,
         scaler=precision.grad_scaler(precision_cfg, device_type),
         lr=knobs.lr, precision=knobs.precision, device_type=device_type,
-        checkpointed_blocks=wrapped)
+        checkpointed_blocks=wrapped, max_tokens=knobs.max_tokens)

@@ -22,6 +22,14 @@ from advisor.space import Knobs
 KNOB_COLUMNS = (("precision", "precision"), ("accumulation", "accum"),
                 ("checkpoint_every", "ckpt"), ("compile", "compile"), ("lr", "lr"),
                 ("prune_kind", "prune"), ("quantization", "quant"), ("distill_alpha", "kd"))
+# Shown only for studies whose space offers token budgets (variable-length workloads).
+TOKENS_COLUMN = (("max_tokens", "tokens"),)
+
+
+def knob_columns(space: dict | None) -> tuple[tuple[str, str], ...]:
+    space = space or {}
+    return (KNOB_COLUMNS + (TOKENS_COLUMN if space.get("max_tokens") else ())
+            + ((("serving_max_batch", "serve"),) if space.get("serving_max_batch") else ()))
 
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
@@ -52,6 +60,8 @@ def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
         return "off" if value == 0 else f"1/{value}"
     if name == "serving_max_batch":
         return f"b{value} w{float(knobs.get('serving_max_wait_ms', 0.0)):g}ms" if value else "off"
+    if name == "max_tokens":
+        return "fixed" if value == 0 else str(value)
     return str(value)
 
 
@@ -66,20 +76,16 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
     return f"{text} ({r:.3f}x)" if name == "accuracy" else f"{text} ({r:.2f}x)"
 
 
-def knob_columns(serving: bool = False) -> tuple[tuple[str, str], ...]:
-    return KNOB_COLUMNS + ((("serving_max_batch", "serve"),) if serving else ())
-
-
 def serving_study(study: optuna.Study) -> bool:
     """Whether the study measures latency under a request rate (``--serving-rate``)."""
     return bool(study.user_attrs.get("settings", {}).get("serving_rate"))
 
 
 def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
-                 serving: bool = False) -> list[str]:
+                 columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS, serving: bool = False) -> list[str]:
     base = baseline["metrics"] if baseline else {}
     full = Knobs.from_dict(knobs).to_dict()  # conditional knobs a trial did not sample
-    cells = [label] + [knob_cell(k, full[k], full) for k, _ in knob_columns(serving)]
+    cells = [label] + [knob_cell(k, full[k], full) for k, _ in columns]
     for o in OBJECTIVES:
         spread = None
         if o.name == "latency_ms" and not serving:
@@ -94,8 +100,8 @@ def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
     return cells
 
 
-def headers(serving: bool = False) -> list[str]:
-    cols = ["trial"] + [short for _, short in knob_columns(serving)]
+def headers(columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS, serving: bool = False) -> list[str]:
+    cols = ["trial"] + [short for _, short in columns]
     cols += ["p99 ms" if serving and o.name == "latency_ms" else f"{o.label} {o.unit}".strip()
              for o in OBJECTIVES]
     if serving:
@@ -130,11 +136,13 @@ def study_report(study: optuna.Study, goal: str = "balanced", constraints: Const
                    f"torch {hw.get('torch_version')}")
     rows = []
     serving = serving_study(study)
+    columns = knob_columns(attrs.get("space"))
     if baseline:
-        rows.append(measured_row("baseline", baseline["knobs"], baseline, None, serving))
+        rows.append(measured_row("baseline", baseline["knobs"], baseline, None, columns, serving))
     shown, feasible = front(study, constraints)
     for t in shown:
-        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline, serving))
+        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline, columns,
+                                 serving))
     out.append(f"Pareto front: {len(shown)} of {feasible} trials that meet the constraints "
                f"({constraints.describe()}), of {len(done)} completed ({len(failed)} failed); "
                f"ratios are to the baseline"
@@ -145,9 +153,9 @@ def study_report(study: optuna.Study, goal: str = "balanced", constraints: Const
                    f"requests on a simulated clock fed by measured batch times); p99 is request "
                    f"latency including the queue; overload = share of requests later than "
                    f"{s['serving_deadline_ms']:g} ms; the baseline serves each request alone")
-    first = len(knob_columns(serving)) + 1
+    first = len(columns) + 1
     extra = 3 if serving else 1
-    out.append(table(headers(serving), rows, right=set(range(first, first + len(OBJECTIVES) + extra))))
+    out.append(table(headers(columns, serving), rows, right=set(range(first, first + len(OBJECTIVES) + extra))))
     rec = rec or recommend.recommend_if_any(study, constraints, goal)
     if rec:
         out.append("")

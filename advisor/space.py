@@ -16,8 +16,10 @@ from torch import nn
 from advisor.errors import AdvisorError
 from advisor.hardware import Hardware
 from advisor.techniques import (
+    ANY,
     Exclusion,
     accumulation,
+    batching,
     checkpointing,
     compile,
     distillation,
@@ -26,6 +28,7 @@ from advisor.techniques import (
     quantization,
 )
 from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.batching import BatchingConfig, Lengths
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
@@ -59,6 +62,7 @@ class Knobs:
     quantization: str = "none"
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0  # ignored while distill_alpha is 0
+    max_tokens: int = 0  # 0: fixed-size batches; else token-budget micro-batches (batching.py)
     # The dynamic batcher of a serving study; 0 = the study measures no serving load.
     serving_max_batch: int = 0
     serving_max_wait_ms: float = 0.0
@@ -72,6 +76,9 @@ class Knobs:
         PruningConfig(self.prune_kind, self.prune_ratio)
         QuantizationConfig(self.quantization)
         DistillationConfig(self.distill_alpha, self.distill_temperature)
+        if BatchingConfig(self.max_tokens).enabled and self.accumulation != 1:
+            raise ValueError("max_tokens > 0 splits each step into micro-batches by tokens: it "
+                             "takes accumulation 1")
         if isinstance(self.serving_max_batch, bool) or not isinstance(self.serving_max_batch, int) \
                 or self.serving_max_batch < 0:
             raise ValueError(f"serving_max_batch must be an integer >= 0; got {self.serving_max_batch!r}")
@@ -100,6 +107,7 @@ class Knobs:
         return (f"{self.precision} accum={self.accumulation} ckpt={ckpt} "
                 f"compile={self.compile} lr={self.lr:.2g} prune={self.prune_label()} "
                 f"quant={self.quantization} kd={self.distill_label()}"
+                + (f" tokens={self.max_tokens}" if self.max_tokens else "")
                 + (f" serve={self.serving_label()}" if self.serving_max_batch else ""))
 
     def serving_label(self) -> str:
@@ -129,6 +137,7 @@ class Space:
     quantization: tuple[str, ...]
     excluded: tuple[Exclusion, ...]
     blocks: str
+    max_tokens: tuple[int, ...] = (0,)  # more than (0,) only for a variable-length workload
     # (low, high, step) of the stepped float knobs; a benchmark narrows them to a grid.
     prune_ratio: tuple[float, float, float] = (*PRUNE_RATIO, STEP)
     distill_alpha: tuple[float, float, float] = (*ALPHA, STEP)
@@ -143,9 +152,12 @@ class Space:
         checkpointing, so the sampler never spends trials telling equal configs apart."""
         quant = trial.suggest_categorical("quantization", self.quantization)
         kind = trial.suggest_categorical("prune_kind", self.prune_kind)
+        # Asked only where budgets are offered, so other studies sample what they always did;
+        # a budget replaces accumulation.
+        tokens = trial.suggest_categorical("max_tokens", self.max_tokens) if len(self.max_tokens) > 1 else 0
         values = {
-            "quantization": quant, "prune_kind": kind,
-            "accumulation": trial.suggest_categorical("accumulation", self.accumulation),
+            "quantization": quant, "prune_kind": kind, "max_tokens": tokens,
+            "accumulation": trial.suggest_categorical("accumulation", self.accumulation) if not tokens else 1,
             "compile": trial.suggest_categorical("compile", self.compile),
             "lr": trial.suggest_float("lr", *self.lr, log=True),
             "distill_alpha": _stepped(trial, "distill_alpha", self.distill_alpha),
@@ -204,7 +216,7 @@ class Space:
                 if isinstance(value, bool) or not (isinstance(value, (int, float)) and low <= value <= high):
                     raise AdvisorError(f"{name} must be between {low:g} and {high:g}; got {value!r}")
             elif value not in getattr(self, name):
-                reasons = [e.reason for e in self.excluded if e.knob == name and e.value == value]
+                reasons = [e.reason for e in self.excluded if e.knob == name and e.value in (value, ANY)]
                 why = f" ({reasons[0]})" if reasons else ""
                 raise AdvisorError(
                     f"{name} must be one of {list(getattr(self, name))} here; got {value!r}{why}")
@@ -228,10 +240,26 @@ class Space:
             "distill_temperature": list(self.distill_temperature[:2]),
             "blocks": self.blocks,
             "excluded": [e.to_dict() for e in self.excluded],
-            # Only serving spaces carry these, so spaces stored before them still compare equal.
+            # Only spaces that offer these carry them, so spaces stored before them compare equal.
+            **({"max_tokens": list(self.max_tokens)} if len(self.max_tokens) > 1 else {}),
             **({"serving_max_batch": list(self.serving_max_batch),
                 "serving_max_wait_ms": list(self.serving_max_wait_ms)} if self.serving_max_batch else {}),
         }
+
+
+def same_search(stored: dict | None, current: dict) -> bool:
+    """Whether a study recorded over the space ``stored`` may go on over ``current``.
+
+    The ``max_tokens`` exclusions follow from the workload's data, which the study checks
+    apart: a study recorded before the knob existed has none and resumes.
+    """
+    def without(space: dict | None) -> dict | None:
+        if space is None:
+            return None
+        kept = [e for e in space.get("excluded", []) if e.get("knob") != batching.KNOB]
+        return {**space, "excluded": kept}
+
+    return without(stored) == without(current)
 
 
 def baseline(lr: float, serving: bool = False) -> Knobs:
@@ -273,11 +301,13 @@ class _Walk:
 
 
 def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
-          lr: float = DEFAULT_LR, keep: tuple[str, ...] = (), serving: bool = False) -> Space:
+          lr: float = DEFAULT_LR, keep: tuple[str, ...] = (), lengths: Lengths | None = None,
+          serving: bool = False) -> Space:
     """The space this hardware and model can run well, with what it left out and why.
 
     ``example`` is a small batch of inputs: pruning and PT2E capture are tried on copies
     of the model with it, so a kind or mode the model cannot take is never sampled.
+    ``lengths`` (a variable-length workload's) sizes the token budgets offered.
     """
     prec, ex_prec = precision.options(hw)
     acc, ex_acc = accumulation.options(batch_size)
@@ -285,6 +315,7 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
     comp, ex_comp = compile.options(hw)
     kinds, ex_prune = pruning.options(hw, model, example, keep)
     quant, ex_quant = quantization.options(hw, model, example)
+    tokens, ex_tokens = batching.options(batch_size, lengths, model, example)
     path, blocks = checkpointing.find_blocks(model)
     return Space(
         precision=tuple(prec),
@@ -294,8 +325,9 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
         lr=(lr / 10, lr * 3),
         prune_kind=tuple(kinds),
         quantization=tuple(quant),
-        excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant),
+        excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant + ex_tokens),
         blocks=f"{path}: {len(blocks)} blocks" if blocks else "none",
+        max_tokens=tuple(tokens),
         serving_max_batch=SERVING_MAX_BATCH if serving else (),
         serving_max_wait_ms=SERVING_MAX_WAIT_MS if serving else (),
     )

@@ -29,6 +29,7 @@ from advisor import __version__, data, hardware, objectives, space, storage, wor
 from advisor.errors import AdvisorError
 from advisor.recommend import LIMITS, Constraints
 from advisor.report import Progress, short_result
+from advisor.techniques import batching
 from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import Settings, TrialSpec, flag
 from advisor.trial.worker import BASELINE_FILE, WORKLOAD_FILE
@@ -247,6 +248,7 @@ def prepare_cache(workload: Workload, ref: WorkloadRef, cache: Path) -> dict:
                     for split in ("train", "val")}
     splits = {s: data.MappedSplit(cache / "data" / s) for s in ("train", "val")}
     check_consumable(workload, splits)
+    lengths = sample_lengths(workload, cache)  # a bad mask is refused here, before any trial
     save_workload(workload, cache)
     return {
         "name": workload.name, "model": ref.model, "data": ref.data,
@@ -254,7 +256,17 @@ def prepare_cache(workload: Workload, ref: WorkloadRef, cache: Path) -> dict:
         "metric": workload.metric if isinstance(workload.metric, str) else "custom",
         "parameters": sum(p.numel() for p in workload.model.parameters()),
         "train_samples": len(splits["train"]), "fingerprints": fingerprints,
+        **({"lengths": {"input": workload.lengths, "width": lengths.width,
+                        "mean": float(lengths.tokens.mean()), "max": int(lengths.tokens.max())}}
+           if lengths is not None else {}),
     }
+
+
+def sample_lengths(workload: Workload, cache: Path) -> batching.Lengths | None:
+    """A variable-length workload's training-sample lengths (None for the others)."""
+    if workload.lengths is None:
+        return None
+    return batching.lengths_of(data.MappedSplit(cache / "data" / "train"), workload.lengths)
 
 
 def probe_inputs(cache: Path):
@@ -279,7 +291,7 @@ def _check_resume(study_name: str, attrs: dict, info: dict, hw: hardware.Hardwar
         raise AdvisorError(
             f"study {study_name!r} was measured on {old_device} ({attrs['hardware'].get('name')}) "
             f"and this run would use {hw.device}; use --device {old_device} or a new --study NAME")
-    if attrs.get("space") != space_dict:
+    if not space.same_search(attrs.get("space"), space_dict):
         raise AdvisorError(
             f"study {study_name!r} was searched over another space (other hardware or model); "
             f"start a new study with --study NAME")
@@ -313,14 +325,14 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
         return TrialSpec(role=role, number=number, knobs=knobs.to_dict(), settings=settings,
                          cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
                          device=hw.device, threads=len(slot.cpus) or threads, env=env + slot.env,
-                         train_baseline=train_baseline, keep=workload.keep,
+                         train_baseline=train_baseline, keep=workload.keep, lengths=workload.lengths,
                          memory_limit_mb=options.trial_memory_mb, cpus=slot.cpus)
 
     # One worker at a time creates (or checks) the study and trains its baseline: workers
     # starting together wait here, then find both done.
     with storage.lock(options.storage, f"study:{study_name}"):
         study, settings, search = _open_study(rdb, study_name, options, workload, hw, info,
-                                              probe_inputs(cache))
+                                              probe_inputs(cache), sample_lengths(workload, cache))
         progress = progress or Progress(options.trials)
         clock = time.perf_counter()
         with storage.local_lock(cache):
@@ -341,7 +353,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunResult:
 
 
 def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
-                hw: hardware.Hardware, info: dict, example) -> tuple[optuna.Study, Settings, space.Space]:
+                hw: hardware.Hardware, info: dict, example,
+                lengths: batching.Lengths | None = None) -> tuple[optuna.Study, Settings, space.Space]:
     """Resume the study after checking it is the same experiment, or create it; only once
     every check passed, so a refused run leaves no empty study behind."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -357,7 +370,7 @@ def _open_study(rdb, study_name: str, options: RunOptions, workload: Workload,
     settings = _resolve_settings(options, attrs.get("settings"), workload, study_name)
     constraints = _resolve_constraints(options, attrs.get("constraints") if study else None, study_name)
     search = space.build(hw, workload.model, workload.batch_size, example, lr=settings.lr,
-                         keep=workload.keep, serving=settings.serving_rate > 0)
+                         keep=workload.keep, serving=settings.serving_rate > 0, lengths=lengths)
     queued = [search.check_values(values) for values in options.enqueue]
     if study:
         _check_resume(study_name, attrs, info, hw, search.to_dict())

@@ -39,6 +39,13 @@ class Workload:
     across accumulation choices. With ``trained=False`` the advisor first trains a baseline.
     ``keep`` names layers (as in ``model.named_modules()``) that pruning must leave whole;
     the layer producing the output is always kept.
+
+    ``lengths`` makes the workload variable-length: it names the input that holds the
+    attention mask (a key of dict inputs, or a position of tuple inputs), ``[width]`` per
+    sample, 1 for a token and 0 for padding, padded on the right. Each sample's length is
+    its mask's sum, and the search space then offers token-budget batching (``max_tokens``,
+    see ``advisor.techniques.batching``): trimmed micro-batches cut dim 1 of every input
+    (and target) whose dim 1 is the padded width, so sequences must be batch-first.
     """
 
     model: nn.Module
@@ -50,6 +57,7 @@ class Workload:
     trained: bool = False
     name: str | None = None
     keep: tuple[str, ...] = ()
+    lengths: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,11 @@ def check_fields(workload: Workload) -> None:
             or not all(isinstance(k, str) for k in keep):
         raise AdvisorError(f"Workload.keep must be a tuple of layer names (strings); got {keep!r}")
     workload.keep = tuple(keep)
+    lengths = workload.lengths
+    if lengths is not None and (isinstance(lengths, bool) or not isinstance(lengths, (str, int))):
+        raise AdvisorError(
+            f"Workload.lengths must name the attention-mask input (a dict key, or a tuple "
+            f"position) or be None; got {lengths!r}")
 
 
 def default_name(model_ref: str) -> str:

@@ -8,11 +8,11 @@ import json
 import optuna
 import pytest
 import yaml
+from test_search_bench import FULL
 
 from advisor import export, serving, space
 from advisor.errors import AdvisorError
 from conftest import FAST_ARGS, PLAIN, cli
-from test_search_bench import FULL
 
 
 def test_serving_knobs_join_the_space_only_under_a_rate():
@@ -99,7 +99,8 @@ def test_a_serving_study_shows_p99_throughput_and_overload_everywhere(workdir):
     content = yaml.safe_load((workdir / "rec.yaml").read_text())
     assert content["knobs"]["serving_max_batch"] in (1, 8)
     assert content["serving"]["rate"] == 2000 and content["serving"]["requests"] == 500
-    assert export.load_config(workdir / "rec.yaml").knobs.serving_max_batch == content["knobs"]["serving_max_batch"]
+    loaded = export.load_config(workdir / "rec.yaml")
+    assert loaded.knobs.serving_max_batch == content["knobs"]["serving_max_batch"]
 
 
 def test_a_rate_beyond_capacity_is_reported_not_hidden(workdir):

@@ -49,7 +49,7 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
         cache = root / "cache" / "knobs"
         core.prepare_cache(workload, ref, cache)
         search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
-                             lr=lr, keep=workload.keep)
+                             lr=lr, keep=workload.keep, lengths=core.sample_lengths(workload, cache))
         runnable, skipped = [], []
         for config in (configs if configs is not None else COMMON):
             config = dict(config)

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from advisor import bench
 from advisor.bench import search
+from advisor.bench import varlen as varlen_bench
 from advisor.dashboard import render
 from advisor.errors import AdvisorError
 from advisor.report import Progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency",
+    p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency, "
+                       "token-budget batching",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
@@ -63,6 +65,18 @@ def register(sub) -> None:
     s.add_argument("--chart", default="dashboards/search-efficiency.html", metavar="PATH",
                    help="where to write the plotly chart (default dashboards/search-efficiency.html)")
     s.set_defaults(handler=search_bench)
+    v = which.add_parser("varlen", help="fixed-size batches against token budgets on a variable-length "
+                         "workload, the same samples each")
+    v.add_argument("--model", default=varlen_bench.TEXT, metavar="MODULE:FUNCTION",
+                   help=f"a variable-length workload (default {varlen_bench.TEXT})")
+    v.add_argument("--samples", type=int, default=3200, help="training samples per run (default 3200)")
+    v.add_argument("--repeats", type=int, default=3, help="runs of each batching (default 3)")
+    v.add_argument("--budgets", metavar="N,N,...",
+                   help="max_tokens values to compare (default: the space's, and the whole step)")
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    v.add_argument("--json", default="studies/bench-varlen.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-varlen.json)")
+    v.set_defaults(handler=varlen)
 
 
 def _write(path: str, report: dict) -> None:
@@ -134,4 +148,17 @@ def search_bench(args: argparse.Namespace) -> int:
     chart.parent.mkdir(parents=True, exist_ok=True)
     chart.write_text(render.search_efficiency(report))
     print(f"chart: {chart}")
+def varlen(args: argparse.Namespace) -> int:
+    budgets = None
+    if args.budgets:
+        try:
+            budgets = [int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise AdvisorError(f"--budgets must be integers separated by commas; got {args.budgets!r}") from None
+        if any(b < 1 for b in budgets):
+            raise AdvisorError(f"--budgets must be positive token counts; got {args.budgets!r}")
+    report = varlen_bench.varlen(args.model, samples=args.samples, repeats=args.repeats, budgets=budgets,
+                                 device=args.device, on_run=lambda line: print(line, flush=True))
+    print(varlen_bench.render(report))
+    _write(args.json, report)
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ANY = "any"  # an Exclusion's value when every value of its knob but the default is left out
+
 
 @dataclass(frozen=True)
 class Exclusion:

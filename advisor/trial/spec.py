@@ -82,3 +82,4 @@ class TrialSpec:
     keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)
     memory_limit_mb: float | None = None  # --trial-memory-mb: see worker.limit_memory
     cpus: tuple[int, ...] = ()  # with --workers: the cores this trial's process may run on
+    lengths: str | int | None = None  # Workload.lengths: the input holding the attention mask

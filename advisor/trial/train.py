@@ -2,7 +2,11 @@
 
 One optimizer step takes ``accumulation`` micro-batches of ``batch_size / accumulation``
 samples under the trial's autocast (with a GradScaler for fp16); with distillation, the
-teacher's logits for the same micro-batch come from a forward without gradients. The first
+teacher's logits for the same micro-batch come from a forward without gradients. With a
+token budget (``max_tokens``, variable-length workloads) the step's ``batch_size`` samples
+are packed into trimmed micro-batches under the budget instead, each loss weighted by its
+share of the step's samples (``techniques/batching.py``). Throughput counts samples (and,
+where lengths are known, real and padded tokens), so batchings compare fairly. The first
 ``warmup_steps`` steps (where compilation and lazy initialization happen) are timed apart;
 throughput comes from the steps after them. Peak memory is measured in a window of its own
 (``training_memory``), after the timed work, because measuring it well on CPU changes how
@@ -21,8 +25,10 @@ import torch
 from torch import nn
 
 from advisor.data import MappedSplit, to_device
-from advisor.techniques import distillation, precision
+from advisor.errors import AdvisorError
+from advisor.techniques import batching, distillation, precision
 from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.batching import BatchingConfig, Lengths, TokenBudgetSampler
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
@@ -86,6 +92,17 @@ class TrainReport:
     compile_s: float  # warm-up time above steady-state steps, when compiled
     runtime_init_mib: float  # memory the warm-up steps added (allocator, kernels, compiler)
     final_loss: float
+    samples: int = 0  # samples of the measured steps
+    tokens: int = 0  # their real tokens (0 when the workload gives no lengths)
+    padded_tokens: int = 0  # the token positions computed, padding included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens * self.throughput / self.samples if self.samples else 0.0
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 @dataclass
@@ -107,12 +124,23 @@ class Trainer:
                  *, precision_cfg: PrecisionConfig, accumulation: AccumulationConfig,
                  compile_cfg: CompileConfig, batch_size: int, lr: float, steps: int,
                  device: torch.device, seed: int, teacher: nn.Module | None = None,
-                 distill: DistillationConfig | None = None) -> None:
+                 distill: DistillationConfig | None = None, batching_cfg: BatchingConfig | None = None,
+                 lengths: Lengths | None = None) -> None:
         self.model, self.compiled, self.data, self.loss = model, compiled, data, loss
         self.teacher, self.distill = teacher, distill or DistillationConfig()
         self.device = device
         self.accumulation = accumulation.steps
         self.micro = accumulation.micro_batch(batch_size)
+        self.lengths = lengths
+        self.budget: TokenBudgetSampler | None = None
+        if batching_cfg is not None and batching_cfg.enabled:
+            if lengths is None:
+                raise AdvisorError(f"{batching.KNOB} {batching_cfg.max_tokens} needs per-sample lengths; "
+                                   f"name the attention-mask input in Workload.lengths")
+            if self.accumulation != 1:
+                raise AdvisorError(f"{batching.KNOB} > 0 takes accumulation 1; got {self.accumulation}")
+            self.budget = TokenBudgetSampler(lengths.tokens, batching_cfg.max_tokens, batch_size, seed)
+        self.samples = self.tokens = self.padded_tokens = 0
         self.autocast = lambda: precision.autocast(precision_cfg, device.type)
         self.scaler = precision.grad_scaler(precision_cfg, device.type)
         self.cudagraphs = compile_cfg.cudagraphs and device.type == "cuda"
@@ -123,14 +151,18 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
 
     def step(self) -> None:
-        """One optimizer step over ``accumulation`` micro-batches."""
+        """One optimizer step over ``accumulation`` micro-batches (or the token budget's)."""
         if self.cudagraphs:
             # Once per optimizer step, not per micro-batch: a new CUDA-graph generation would
             # overwrite the gradients the earlier micro-batches accumulated.
             torch.compiler.cudagraph_mark_step_begin()
-        for _ in range(self.accumulation):
-            inputs, target = self.data.batch(self.sampler.take(self.micro))
-            inputs, target = to_device(inputs, self.device), target.to(self.device)
+        if self.budget is not None:
+            batches = self.budget.next_step()
+        else:
+            batches = [self.sampler.take(self.micro) for _ in range(self.accumulation)]
+        step_samples = sum(len(idx) for idx in batches)
+        for idx in batches:
+            inputs, target = self.batch(idx)
             with self.autocast():
                 outputs = call_model(self.compiled, inputs)
                 loss = self.loss(outputs, target)
@@ -138,7 +170,10 @@ class Trainer:
                     with torch.no_grad():
                         teacher = logits_of(call_model(self.teacher, inputs))
                     loss = distillation.combine(self.distill, loss, logits_of(outputs), teacher)
-                loss = loss / self.accumulation
+                # Under a budget, each micro-batch's share of the step's samples: the step's
+                # loss is the mean over its samples, however they were split.
+                loss = (loss / self.accumulation if self.budget is None
+                        else loss * (len(idx) / step_samples))
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             self.loss_sum += loss.detach().float()
             self.micro_batches += 1
@@ -149,6 +184,24 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+
+    def batch(self, idx: np.ndarray) -> tuple:
+        """The micro-batch ``idx`` on the device, trimmed under a token budget; counted."""
+        inputs, target = self.data.batch(idx)
+        self.samples += len(idx)
+        if self.lengths is not None:
+            width = self.lengths.width
+            if self.budget is not None:
+                width = int(self.lengths.tokens[idx].max())
+                inputs = batching.trim(inputs, width, self.lengths.width)
+                target = batching.trim(target, width, self.lengths.width)
+            self.tokens += int(self.lengths.tokens[idx].sum())
+            self.padded_tokens += len(idx) * width
+        return to_device(inputs, self.device), target.to(self.device)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Samples, real tokens and computed (padded) token positions trained so far."""
+        return self.samples, self.tokens, self.padded_tokens
 
     def take_loss(self, steps: int) -> float:
         """Mean loss per step since the last call; raises if it is not finite."""
@@ -175,6 +228,7 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
     synchronize(device)
     warmup_s = time.perf_counter() - began
     runtime_init = meter.level() - level0
+    counted = trainer.counts()
     began = time.perf_counter()
     for i in range(warmup_steps, steps):
         trainer.step()
@@ -182,6 +236,7 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
             on_step(i)
     synchronize(device)
     measured_s = time.perf_counter() - began
+    samples, tokens, padded = (now - before for now, before in zip(trainer.counts(), counted, strict=True))
     final_loss = trainer.take_loss(steps - warmup_steps)
     measured_steps = steps - warmup_steps
     step_s = measured_s / measured_steps
@@ -191,11 +246,12 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
         micro_batches=trainer.micro_batches,
         warmup_s=warmup_s,
         measured_s=measured_s,
-        throughput=measured_steps * trainer.micro * trainer.accumulation / measured_s,
+        throughput=samples / measured_s,
         step_ms=step_s * 1e3,
         compile_s=max(0.0, warmup_s - warmup_steps * step_s) if compiled else 0.0,
         runtime_init_mib=max(0, runtime_init) / MIB,
         final_loss=final_loss,
+        samples=samples, tokens=tokens, padded_tokens=padded,
     )
 
 

@@ -25,9 +25,10 @@ from advisor import serving
 from advisor.data import MappedSplit, to_device
 from advisor.errors import AdvisorError
 from advisor.space import Knobs
-from advisor.techniques import checkpointing, distillation, precision
+from advisor.techniques import batching, checkpointing, distillation, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
+from advisor.techniques.batching import BatchingConfig
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
@@ -166,6 +167,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     model, loss, metric = load(spec)
     train = MappedSplit(cache / "data" / "train")
     val = MappedSplit(cache / "data" / "val")
+    lengths = batching.lengths_of(train, spec.lengths) if spec.lengths is not None else None
     model.to(device)
     batch_size = spec.batch_size
     if spec.role == "baseline" and spec.train_baseline:
@@ -195,7 +197,8 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
                       accumulation=AccumulationConfig(knobs.accumulation),
                       compile_cfg=compile_cfg, batch_size=batch_size, lr=knobs.lr,
                       steps=settings.trial_steps, device=device, seed=settings.seed,
-                      teacher=teacher, distill=distill_cfg)
+                      teacher=teacher, distill=distill_cfg,
+                      batching_cfg=BatchingConfig(knobs.max_tokens), lengths=lengths)
     meter = MemoryMeter(device)
     report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
 
@@ -269,6 +272,8 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
             "optimizer_steps": report.steps,
             "final_loss": report.final_loss,
             "warmup_s": report.warmup_s,
+            **({"tokens_per_s": report.tokens_per_s, "padding_share": report.padding_share}
+               if lengths is not None else {}),
         },
         "memory": {"transient_mib": memory.transient_mib, "state_mib": memory.state_mib,
                    "graph_pool_mib": memory.graph_pool_mib, "steps": memory.steps},
