@@ -27,7 +27,7 @@ def run(model: str | Callable | None = None, *, data: str | Callable | None = No
     """Run or resume a study, like ``advisor run``; keyword options mirror the CLI flags
     (``study``, ``storage``, ``sampler``, ``seed``, ``device``, ``trial_timeout``,
     ``trial_steps``, ``baseline_steps``, ``lr``, ``latency_batch``, ``latency_seconds``,
-    ``threads``, ``cache_dir``)."""
+    ``serving_rate``, ``serving_requests``, ``serving_deadline_ms``, ``threads``, ``cache_dir``)."""
     known = set(_study.RunOptions.__dataclass_fields__) - {"model", "data", "trials"}
     unknown = sorted(set(options) - known)
     if unknown:
