@@ -226,6 +226,7 @@ def curve(rows: list[dict], baseline: list[float], budgets: tuple[int, ...]) -> 
 def compare(table: dict, samplers: tuple[str, ...] = SAMPLERS, seeds: int = 10, gp_seeds: int = 3,
             budgets: tuple[int, ...] = BUDGETS, progress=None) -> dict:
     """Replay each sampler over the table for several seeds; hypervolume per budget."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per replayed study otherwise
     baseline = table["baseline"]
     top = max(budgets)
     steps = tuple(sorted(set(budgets) | set(range(5, top + 1, 5))))
