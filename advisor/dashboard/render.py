@@ -104,10 +104,10 @@ def hypervolume(hv: data.Hypervolume) -> go.Figure:
     return fig
 
 
-def importance(imp: data.Importance) -> go.Figure:
+def importance(imp: data.Importance, serving: bool = False) -> go.Figure:
     fig = go.Figure()
     for name, scores in imp.per_objective.items():
-        fig.add_trace(go.Bar(name=_label(name), y=[k for k, _ in scores], x=[v for _, v in scores],
+        fig.add_trace(go.Bar(name=_label(name, serving), y=[k for k, _ in scores], x=[v for _, v in scores],
                              orientation="h"))
     fig.update_layout(height=380, barmode="group", xaxis_title="share of the objective's variance (fANOVA)",
                       margin={"t": 30}, yaxis={"autorange": "reversed"})
@@ -254,8 +254,8 @@ def page(panels: dict, recommendation_text: str) -> str:
     section("Hypervolume over trials", _empty(hv.empty) if hv.empty
             else reference + _figure(hypervolume(hv), "hypervolume"), "hypervolume-panel")
     imp: data.Importance = panels["importance"]
-    section("Which knobs matter", _empty(imp.empty) if imp.empty else _figure(importance(imp), "importance"),
-            "importance-panel")
+    section("Which knobs matter", _empty(imp.empty) if imp.empty
+            else _figure(importance(imp, trials.serving is not None), "importance"), "importance-panel")
     b: data.Breakdown = panels["breakdown"]
     section(f"Recommended trial #{b.number}: where time and memory went" if b.number is not None
             else "Recommended trial", _empty(b.empty) if b.empty
