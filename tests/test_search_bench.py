@@ -169,3 +169,20 @@ def test_bad_flags_get_one_line_before_anything_is_measured(workdir, flags, mess
     result = cli("bench", "search", *flags)
     assert result.code != 0 and message in result.err
     assert "Traceback" not in result.err and not (workdir / "studies").exists()
+
+
+@pytest.mark.slow  # about 2.5 minutes: the one-at-a-time study compiles with max-autotune
+def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
+    report = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
+                         trials=3, budgets=(1, 3), **FAST)
+    hv = report["samplers"]["random"]["hypervolume"]
+    assert hv["1"]["median"] <= hv["3"]["median"] and report["budgets"] == [1, 3]
+    # The baseline plus each one-at-a-time configuration this CPU offers, each a real trial.
+    assert report["one_at_a_time"]["trials"] == 1 + len(search.COMMON) - report["one_at_a_time"]["failed"]
+    dom = report["tpe_dominates_one_at_a_time"]
+    assert dom == {"of": len(search.COMMON) - report["one_at_a_time"]["failed"], "per_seed": {}}
+    text = search.render(report)
+    assert "live studies of the full space" in text and "random" in text
+    again = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
+                        trials=3, budgets=(1, 3), **FAST)
+    assert again["samplers"] == report["samplers"], "a rerun resumes the finished studies"

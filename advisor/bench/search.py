@@ -247,6 +247,7 @@ def compare(table: dict, samplers: tuple[str, ...] = SAMPLERS, seeds: int = 10, 
     summary = {name: {b: _spread([c[b] for c in r["curves"]]) for b in steps}
                for name, r in runs.items()}
     report = {
+        "mode": "table",
         "workload": table["workload"], "hardware": table["hardware"], "settings": table["settings"],
         "grid": table["grid"], "grid_size": len(table["rows"]),
         "failed_in_grid": sum(not r["ok"] for r in table["rows"]),
@@ -311,20 +312,76 @@ def _goals(runs: dict, summary: dict, oat: dict, table: dict) -> dict:
     return goals
 
 
+def live(model: str | None = None, device: str = "auto", *, study_dir: str,
+         samplers: tuple[str, ...] = ("tpe", "random"), seeds: int = 2, trials: int = 30,
+         budgets: tuple[int, ...] = (10, 20, 30), progress: Progress | None = None, **settings) -> dict:
+    """The comparison with real studies of the full space, no grid: ``seeds`` studies of
+    ``trials`` trials per sampler, and the one-technique-at-a-time recipe as a study of its
+    own. Slow (every trial is real), so few seeds; resumable like any study."""
+    root = Path(study_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{root / 'live.db'}"
+    started = time.perf_counter()
+    steps = tuple(sorted(b for b in set(budgets) | set(range(5, trials + 1, 5)) if b <= trials))
+    runs, last = {}, None
+    for name in samplers:
+        curves, tails = [], []
+        for seed in range(seeds):
+            last = _live_study(model, device, url, root, f"live-{name}-{seed}", trials, progress,
+                               sampler=name, seed=seed, **settings)
+            rows, base = _trial_rows(last)
+            curves.append(curve(rows, base, steps))
+            tails.append([r["values"] for r in rows if r["ok"]])
+        runs[name] = {"seeds": seeds, "curves": curves, "values": tails}
+    hw = hardware.detect(device)
+    configs = [dict(c) for c in COMMON]
+    for c in configs:
+        if c.get("compile") == "max-autotune" and hw.device != "cuda":
+            c["compile"] = "max-autotune-no-cudagraphs"  # as advisor bench knobs does on CPU
+    oat = _live_study(model, device, url, root, "live-one-at-a-time", len(configs), progress,
+                      sampler="random", seed=0, enqueue=configs, **settings)
+    oat_rows, oat_base = _trial_rows(oat)
+    oat_values = [oat_base] + [r["values"] for r in oat_rows if r["ok"]]
+    summary = {name: {b: _spread([c[b] for c in r["curves"]]) for b in steps} for name, r in runs.items()}
+    dominated = {}
+    if "tpe" in runs:
+        for b in budgets:
+            # OAT configurations dominated by the default sampler's first b trials, per seed.
+            dominated[str(b)] = [sum(any(dominates(v, o) for v in values[:b]) for o in oat_values[1:])
+                                 for values in runs["tpe"]["values"]]
+    return {
+        "mode": "live", "workload": oat.user_attrs["workload"]["name"],
+        "hardware": oat.user_attrs["hardware"], "settings": oat.user_attrs["settings"],
+        "reference": REFERENCE, "budgets": [b for b in budgets if b <= trials], "steps": list(steps),
+        "samplers": {name: {"seeds": r["seeds"], "hypervolume": {str(b): summary[name][b] for b in steps}}
+                     for name, r in runs.items()},
+        "one_at_a_time": {"trials": len(oat_values), "hypervolume": hypervolume(
+            [normalized(v, oat_base) for v in oat_values]), "failed": sum(not r["ok"] for r in oat_rows)},
+        "tpe_dominates_one_at_a_time": {"of": len(oat_values) - 1, "per_seed": dominated},
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _live_study(model, device, url: str, root: Path, name: str, trials: int, progress, **options):
+    run_options = core.RunOptions(model=model, device=device, trials=trials, study_trials=trials,
+                                  storage=url, cache_dir=str(root / "cache"), study=name, **options)
+    core.run(run_options, progress or Progress(trials))
+    return optuna.load_study(study_name=name, storage=storage.open_storage(url))
+
+
+def _trial_rows(study: optuna.Study) -> tuple[list[dict], list[float]]:
+    """A finished study's trials in order (failed ones count against the budget)."""
+    rows = [{"ok": t.state == TrialState.COMPLETE, "values": list(t.values or [])}
+            for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    return rows, objectives.values(study.user_attrs["baseline"]["metrics"])
+
+
 def render(report: dict) -> str:
+    if report.get("mode") == "live":
+        return _render_live(report)
     budgets = report["budgets"]
     cols = ["method", "seeds"] + [f"HV @{b}" for b in budgets]
-    rows = []
-    for name, r in report["samplers"].items():
-        cells = []
-        for b in budgets:
-            s = r["hypervolume"][str(b)]
-            cells.append(f"{s['median']:.3f} [{s['q25']:.3f}-{s['q75']:.3f}]")
-        label = f"{name} (default)" if name == "tpe" else name
-        rows.append([label, str(r["seeds"]), *cells])
-    oat = report["one_at_a_time"]
-    rows.append([f"one at a time ({oat['trials']} trials)", "-"]
-                + [f"{oat['hypervolume']:.3f}" if b >= oat["trials"] else "" for b in budgets])
+    rows = _hv_rows(report)
     hw, s = report["hardware"], report["settings"]
     ref = report["reference"]
     lines = [
@@ -350,4 +407,36 @@ def render(report: dict) -> str:
             lines.append(f"goal: the default sampler's front at {b} trials holds or dominates every "
                          f"one-at-a-time configuration in {x['seeds_met']}/{x['seeds']} seeds"
                          + (f"; escaped: {'; '.join(escaped)}" if escaped else ""))
+    return "\n".join(lines)
+
+
+def _hv_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for name, r in report["samplers"].items():
+        cells = [f"{r['hypervolume'][str(b)]['median']:.3f} [{r['hypervolume'][str(b)]['q25']:.3f}-"
+                 f"{r['hypervolume'][str(b)]['q75']:.3f}]" for b in report["budgets"]]
+        rows.append([f"{name} (default)" if name == "tpe" else name, str(r["seeds"]), *cells])
+    oat = report["one_at_a_time"]
+    rows.append([f"one at a time ({oat['trials']} trials)", "-"]
+                + [f"{oat['hypervolume']:.3f}" if b >= oat["trials"] else "" for b in report["budgets"]])
+    return rows
+
+
+def _render_live(report: dict) -> str:
+    hw, s, ref = report["hardware"], report["settings"], report["reference"]
+    cols = ["method", "seeds"] + [f"HV @{b}" for b in report["budgets"]]
+    lines = [
+        f"Search efficiency, live studies of the full space: {report['workload']} on {hw['device']} "
+        f"({hw['name']}), torch {hw['torch_version']}; {s['trial_steps']} fine-tune steps, latency at "
+        f"batch {s['latency_batch']}; {report['wall_s'] / 60:.0f} min",
+        f"Hypervolume of the front after N trials, median [25th-75th percentile] over seeds; "
+        f"objectives / each study's baseline, reference: accuracy {ref['accuracy']:g}x, latency, "
+        f"memory, size {ref['latency_ms']:g}x",
+        table(cols, _hv_rows(report), right=set(range(1, len(cols)))),
+    ]
+    dom = report["tpe_dominates_one_at_a_time"]
+    for b, counts in dom["per_seed"].items():
+        shares = ", ".join(f"{c}/{dom['of']}" for c in counts)
+        lines.append(f"one-at-a-time configurations dominated by the default sampler's first {b} "
+                     f"trials: {shares} (per seed)")
     return "\n".join(lines)

@@ -52,11 +52,17 @@ def register(sub) -> None:
                         "(default studies/search-table)")
     s.add_argument("--samplers", default=",".join(search.SAMPLERS), metavar="LIST",
                    help=f"comma-separated, from {', '.join(search.SAMPLERS)} (default all)")
-    s.add_argument("--seeds", type=int, default=10, metavar="N", help="seeds per sampler (default 10)")
+    s.add_argument("--live", action="store_true",
+                   help="instead of the table, run real studies of the full space: --seeds studies "
+                        "of --live-trials trials per sampler, and one-at-a-time as a study (slow)")
+    s.add_argument("--live-trials", type=int, default=30, metavar="N",
+                   help="trials per live study (default 30)")
+    s.add_argument("--seeds", type=int, metavar="N",
+                   help="seeds per sampler (default 10 over the table, 2 live)")
     s.add_argument("--gp-seeds", type=int, default=3, metavar="N",
                    help="seeds for gp, whose replay takes minutes per seed (default 3)")
-    s.add_argument("--budgets", default=",".join(map(str, search.BUDGETS)), metavar="LIST",
-                   help="trial budgets to report (default 10,20,30,50,100)")
+    s.add_argument("--budgets", metavar="LIST",
+                   help="trial budgets to report (default 10,20,30,50,100; live: 10,20,30)")
     s.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
     s.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
     s.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
@@ -131,16 +137,27 @@ def search_bench(args: argparse.Namespace) -> int:
     if unknown or not samplers:
         raise AdvisorError(f"--samplers takes a comma-separated list from "
                            f"{', '.join(search.SAMPLERS)}; got {args.samplers!r}")
-    budgets = _positive_list("--budgets", args.budgets)
-    for flag, value in (("--seeds", args.seeds), ("--gp-seeds", args.gp_seeds)):
+    default_budgets = "10,20,30" if args.live else ",".join(map(str, search.BUDGETS))
+    budgets = _positive_list("--budgets", args.budgets or default_budgets)
+    seeds = args.seeds if args.seeds is not None else (2 if args.live else 10)
+    for flag, value in (("--seeds", seeds), ("--gp-seeds", args.gp_seeds), ("--live-trials", args.live_trials)):
         if value < 1:
             raise AdvisorError(f"{flag} must be a positive integer; got {value}")
     settings = {k: v for k, v in (("trial_steps", args.trial_steps),
                                   ("latency_seconds", args.latency_seconds)) if v is not None}
+    if args.live:
+        if max(budgets) > args.live_trials:
+            raise AdvisorError(f"--budgets must not exceed --live-trials {args.live_trials}; got {args.budgets}")
+        report = search.live(args.model, args.device, study_dir=str(Path(args.table_dir).parent / "search-live"),
+                             samplers=samplers, seeds=seeds, trials=args.live_trials, budgets=budgets,
+                             trial_timeout=args.trial_timeout, **settings)
+        print(search.render(report))
+        _write(args.json.replace("bench-search.json", "bench-search-live.json"), report)
+        return 0
     table = search.measure_table(args.model, args.device, study_dir=args.table_dir,
                                  trial_timeout=args.trial_timeout, **settings)
     _write(str(Path(args.table_dir) / "table.json"), table)
-    report = search.compare(table, samplers, seeds=args.seeds, gp_seeds=args.gp_seeds,
+    report = search.compare(table, samplers, seeds=seeds, gp_seeds=args.gp_seeds,
                             budgets=budgets, progress=print)
     print(search.render(report))
     _write(args.json, report)
