@@ -183,6 +183,12 @@ def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
     assert dom == {"of": len(search.COMMON) - report["one_at_a_time"]["failed"], "per_seed": {}}
     text = search.render(report)
     assert "live studies of the full space" in text and "random" in text
+    oat = optuna.load_study(study_name="live-one-at-a-time", storage="sqlite:///live/live.db")
+    base = space.Knobs().to_dict()
+    for t in oat.trials:
+        changed = {k for k, v in space.Knobs.from_dict(t.params).to_dict().items() if v != base[k]}
+        assert 1 <= len(changed - {"prune_ratio", "distill_temperature"}) <= 3, \
+            f"one technique (the last config: three) on the baseline's knobs: {changed}"
     again = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
                         trials=3, budgets=(1, 3), **FAST)
     assert again["samplers"] == report["samplers"], "a rerun resumes the finished studies"

@@ -334,7 +334,10 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
             tails.append([r["values"] for r in rows if r["ok"]])
         runs[name] = {"seeds": seeds, "curves": curves, "values": tails}
     hw = hardware.detect(device)
-    configs = [dict(c) for c in COMMON]
+    # Whole configurations: the baseline's knobs with one technique changed (a partial one
+    # would let the sampler fill the rest at random).
+    base = space.Knobs(lr=settings.get("lr") or space.DEFAULT_LR).to_dict()
+    configs = [{**base, **c} for c in COMMON]
     for c in configs:
         if c.get("compile") == "max-autotune" and hw.device != "cuda":
             c["compile"] = "max-autotune-no-cudagraphs"  # as advisor bench knobs does on CPU
