@@ -180,7 +180,7 @@ def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
     # The baseline plus each one-at-a-time configuration this CPU offers, each a real trial.
     assert report["one_at_a_time"]["trials"] == 1 + len(search.COMMON) - report["one_at_a_time"]["failed"]
     dom = report["tpe_dominates_one_at_a_time"]
-    assert dom == {"of": len(search.COMMON) - report["one_at_a_time"]["failed"], "per_seed": {}}
+    assert dom == {"of": len(search.COMMON) - report["one_at_a_time"]["failed"], "escaped_per_seed": {}}
     text = search.render(report)
     assert "live studies of the full space" in text and "random" in text
     oat = optuna.load_study(study_name="live-one-at-a-time", storage="sqlite:///live/live.db")
