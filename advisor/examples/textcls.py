@@ -14,44 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 import advisor
+from advisor.examples.vit import Block  # pre-norm encoder block; takes a padding mask
 
 VOCAB, GROUPS, WIDTH = 64, 4, 256
 FIRST = 4  # tokens 0..3 are reserved (0 is padding); the rest split into GROUPS groups
 SHORTEST, MEDIAN, SIGMA = 8, 32, 1.0
-
-
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        # Padding is masked as a key, so no token attends to it (every row has a token).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class Block(nn.Module):
-    """Pre-norm encoder block: x + attention(norm(x)), then x + MLP(norm(x))."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(width), Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), keep)
-        return x + self.mlp(self.norm2(x))
 
 
 class TextClassifier(nn.Module):
