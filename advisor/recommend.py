@@ -18,6 +18,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -164,14 +165,24 @@ def _key(metrics: dict) -> tuple[float, ...]:
     return tuple(-metrics[o.name] if o.direction == "maximize" else metrics[o.name] for o in OBJECTIVES)
 
 
+def dominates(a: dict, b: dict) -> bool:
+    """Metrics ``a`` are at least as good as ``b`` in every objective and better in one."""
+    ka, kb = _key(a), _key(b)
+    return all(x <= y for x, y in zip(ka, kb, strict=True)) and ka != kb
+
+
 def pareto(items: list[Candidate]) -> list[Candidate]:
-    keys = [_key(c.metrics) for c in items]
+    return [c for c in items if not any(dominates(o.metrics, c.metrics) for o in items if o is not c)]
 
-    def dominated(i: int) -> bool:
-        return any(all(a <= b for a, b in zip(keys[j], keys[i], strict=True)) and keys[j] != keys[i]
-                   for j in range(len(items)) if j != i)
 
-    return [c for i, c in enumerate(items) if not dominated(i)]
+def hypervolume(points: list, reference) -> float:
+    """Hypervolume of lower-is-better ``points`` inside the box up to ``reference``; points
+    outside it add nothing (Optuna's WFG computes it)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = np.asarray(reference, dtype=float)
+    inside = [p for p in points if np.all(np.asarray(p) < ref)]
+    return float(compute_hypervolume(np.array(inside, dtype=float), ref)) if inside else 0.0
 
 
 def normalized(metrics: dict, baseline: dict) -> list[float]:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from advisor import hardware, objectives, space, storage
+from advisor import hardware, objectives, recommend, space, storage
 from advisor import study as core
 from advisor.bench.knobs import COMMON
 from advisor.errors import AdvisorError
@@ -165,22 +164,13 @@ def reference() -> np.ndarray:
 
 def hypervolume(points: list[np.ndarray]) -> float:
     """Hypervolume dominated by ``points`` (normalized) inside the reference box."""
-    ref = reference()
-    inside = [p for p in points if np.all(p < ref)]
-    if not inside:
-        return 0.0
-    return float(compute_hypervolume(np.array(inside), ref))
+    return recommend.hypervolume(points, reference())
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
-    """``a`` is at least as good as ``b`` in every objective and better in one."""
-    better = False
-    for o, x, y in zip(objectives.OBJECTIVES, a, b, strict=True):
-        x, y = (-x, -y) if o.direction == "maximize" else (x, y)
-        if x > y:
-            return False
-        better |= x < y
-    return better
+    """Objective values ``a`` (in the study's order) dominate ``b``."""
+    return recommend.dominates(dict(zip(objectives.NAMES, a, strict=True)),
+                               dict(zip(objectives.NAMES, b, strict=True)))
 
 
 def front(values: list[list[float]]) -> list[int]:

@@ -140,8 +140,6 @@ def _describe(params: dict) -> str:
 
 def hypervolume(study: optuna.Study, constraints: Constraints) -> Hypervolume:
     """Hypervolume of the feasible trials after each completed trial (how the search converged)."""
-    from optuna._hypervolume import compute_hypervolume
-
     reference = (f"{REFERENCE:g}x the baseline's latency, memory and size, 1/{REFERENCE:g} of its "
                  f"accuracy (objectives as ratios to the baseline)")
     baseline = study.user_attrs.get("baseline")
@@ -155,11 +153,9 @@ def hypervolume(study: optuna.Study, constraints: Constraints) -> Hypervolume:
     ref = np.full(len(OBJECTIVES), REFERENCE)
     for c in done:
         if not recommend.misses(c, base, constraints):
-            point = np.array(recommend.normalized(c.metrics, base))
-            if np.all(point < ref):
-                kept.append(point)
+            kept.append(recommend.normalized(c.metrics, base))
         numbers.append(c.number)
-        values.append(float(compute_hypervolume(np.array(kept), ref)) if kept else 0.0)
+        values.append(recommend.hypervolume(kept, ref))
     return Hypervolume(numbers, values, reference)
 
 
