@@ -66,8 +66,8 @@ def register(sub) -> None:
     s.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
     s.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
     s.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
-    s.add_argument("--json", default="studies/bench-search.json", metavar="PATH",
-                   help="where to write the JSON (default studies/bench-search.json)")
+    s.add_argument("--json", metavar="PATH", help="where to write the JSON (default "
+                   "studies/bench-search.json; live: studies/bench-search-live.json)")
     s.add_argument("--chart", default="dashboards/search-efficiency.html", metavar="PATH",
                    help="where to write the plotly chart (default dashboards/search-efficiency.html)")
     s.set_defaults(handler=search_bench)
@@ -148,11 +148,11 @@ def search_bench(args: argparse.Namespace) -> int:
     if args.live:
         if max(budgets) > args.live_trials:
             raise AdvisorError(f"--budgets must not exceed --live-trials {args.live_trials}; got {args.budgets}")
-        report = search.live(args.model, args.device, study_dir=str(Path(args.table_dir).parent / "search-live"),
+        report = search.live(args.model, args.device, study_dir="studies/search-live",
                              samplers=samplers, seeds=seeds, trials=args.live_trials, budgets=budgets,
                              trial_timeout=args.trial_timeout, **settings)
         print(search.render(report))
-        _write(args.json.replace("bench-search.json", "bench-search-live.json"), report)
+        _write(args.json or "studies/bench-search-live.json", report)
         return 0
     table = search.measure_table(args.model, args.device, study_dir=args.table_dir,
                                  trial_timeout=args.trial_timeout, **settings)
@@ -160,11 +160,14 @@ def search_bench(args: argparse.Namespace) -> int:
     report = search.compare(table, samplers, seeds=seeds, gp_seeds=args.gp_seeds,
                             budgets=budgets, progress=print)
     print(search.render(report))
-    _write(args.json, report)
+    _write(args.json or "studies/bench-search.json", report)
     chart = Path(args.chart)
     chart.parent.mkdir(parents=True, exist_ok=True)
     chart.write_text(render.search_efficiency(report))
     print(f"chart: {chart}")
+    return 0
+
+
 def varlen(args: argparse.Namespace) -> int:
     budgets = None
     if args.budgets:
