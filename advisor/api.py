@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from advisor import apply as _apply
 from advisor import export as _export
-from advisor import rebuild as _apply
 from advisor import recommend as _recommend
-from advisor import report, storage
-from advisor import study as _study
+from advisor import report
+from advisor.constraints import LIMITS, Constraints
 from advisor.errors import AdvisorError
+from advisor.files import CACHE_DIR
+from advisor.study import Events, RunOptions, RunResult, StudyRecord, load, storage
+from advisor.study import run as run_study
 
 
 def _ref(model: str | Callable | None) -> str | None:
@@ -23,32 +26,31 @@ def _ref(model: str | Callable | None) -> str | None:
 
 
 def run(model: str | Callable | None = None, *, data: str | Callable | None = None,
-        trials: int = 20, progress: bool = True, **options) -> _study.RunResult:
+        trials: int = 20, progress: bool = True, **options) -> RunResult:
     """Run or resume a study, like ``advisor run``; keyword options mirror the CLI flags
     (``study``, ``storage``, ``sampler``, ``seed``, ``device``, ``trial_timeout``,
     ``trial_steps``, ``baseline_steps``, ``lr``, ``latency_batch``, ``latency_seconds``,
     ``serving_rate``, ``serving_requests``, ``serving_deadline_ms``, ``threads``, ``cache_dir``)."""
-    known = set(_study.RunOptions.__dataclass_fields__) - {"model", "data", "trials"}
+    known = set(RunOptions.__dataclass_fields__) - {"model", "data", "trials"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise AdvisorError(f"unknown options {unknown}; the known ones are {sorted(known)}")
-    opts = _study.RunOptions(model=_ref(model), data=_ref(data), trials=trials, **options)
-    shown = None if progress else report.Progress(trials, stream=_Null())
-    return _study.run(opts, shown)
+    opts = RunOptions(model=_ref(model), data=_ref(data), trials=trials, **options)
+    return run_study(opts, report.Progress(trials) if progress else Events())
 
 
 def show(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
          goal: str = "balanced", **constraints) -> str:
     """The baseline, the Pareto front, the recommendation and the failures of a stored
     study, as text; ``constraints`` (``max_latency_ms=...``) replace the study's own."""
-    loaded = _study.load_study(study, storage_url)
+    loaded = load(study, storage_url)
     return report.study_report(loaded, goal, _constraints(loaded, constraints))
 
 
 def recommend(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
               goal: str = "balanced", **constraints) -> _recommend.Recommendation:
     """The recommended trial of a stored study, with why, what it misses, and caveats."""
-    loaded = _study.load_study(study, storage_url)
+    loaded = load(study, storage_url)
     return _recommend.recommend(loaded, _constraints(loaded, constraints), goal)
 
 
@@ -56,7 +58,7 @@ def export(study: str | None = None, storage_url: str = storage.DEFAULT_URL, *,
            output: str = "recommended.yaml", goal: str = "balanced",
            **constraints) -> tuple[str, Path]:
     """Write the recommendation to ``output`` (YAML); returns its text report and the path."""
-    loaded = _study.load_study(study, storage_url)
+    loaded = load(study, storage_url)
     rec = _recommend.recommend(loaded, _constraints(loaded, constraints), goal)
     path = _export.write(_export.to_dict(rec, loaded, storage_url), output)
     return report.render_recommendation(rec, hint=False), path
@@ -67,7 +69,7 @@ def dashboard(study: str | None = None, storage_url: str = storage.DEFAULT_URL, 
     """Write a study's HTML dashboard (default ``dashboards/<study>.html``); its path."""
     from advisor import dashboard as _dashboard
 
-    return _dashboard.write(_study.load_study(study, storage_url), output, goal)
+    return _dashboard.write(load(study, storage_url), output, goal)
 
 
 def studies(storage_url: str = storage.DEFAULT_URL) -> str:
@@ -83,7 +85,7 @@ def load_config(path: str | Path) -> _export.Config:
 def apply(config: _export.Config | str | Path, model: str | Callable | None = None, *,
           data: str | Callable | None = None, steps: int | None = None,
           output: str | Path | None = None, device: str = "auto", threads: int | None = None,
-          cache_dir: str = "studies/cache") -> _apply.Applied:
+          cache_dir: str = CACHE_DIR) -> _apply.Applied:
     """Rebuild a recommendation on a workload, like ``advisor apply``; the returned
     ``Applied`` holds the optimized model (``.model``) and its re-measured figures."""
     if not isinstance(config, _export.Config):
@@ -100,20 +102,9 @@ def training_setup(config: _export.Config | str | Path, model, device_type: str 
     return _apply.training_setup(config, model, device_type)
 
 
-def _constraints(study, given: dict) -> _recommend.Constraints:
-    known = {limit.key for limit in _recommend.LIMITS}
+def _constraints(record: StudyRecord, given: dict) -> Constraints:
+    known = {limit.key for limit in LIMITS}
     unknown = sorted(set(given) - known)
     if unknown:
         raise AdvisorError(f"unknown constraints {unknown}; the known ones are {sorted(known)}")
-    return _recommend.Constraints.from_dict({**study.user_attrs.get("constraints", {}), **given})
-
-
-class _Null:
-    def write(self, _text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+    return Constraints.from_dict({**record.constraints.to_dict(), **given})

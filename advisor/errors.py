@@ -9,3 +9,9 @@ from __future__ import annotations
 
 class AdvisorError(Exception):
     """Bad input or a state the user must fix; the message is the whole story."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -11,28 +11,30 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import yaml
 
-from advisor import __version__, storage
+from advisor import knobs as table
+from advisor.constraints import LIMITS, Constraints
 from advisor.errors import AdvisorError
+from advisor.knobs import Knobs
 from advisor.objectives import NAMES
-from advisor.recommend import GOALS, LIMITS, Constraints, Recommendation
-from advisor.space import Knobs
+from advisor.recommend import GOALS, Recommendation
+from advisor.study import storage
+from advisor.study.record import StudyRecord
+from advisor.version import __version__
 
 SCHEMA = 1
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
         "provenance", "serving")
 REQUIRED = KEYS[:-1]  # "serving" only in configs of serving studies
-# Knobs added after schema 1 was first written: a file without them means their default.
-OPTIONAL_KNOBS = ("max_tokens", "serving_max_batch", "serving_max_wait_ms")
 SERVING = ("rate", "requests", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
            "throughput_rps", "overload_share", "saturated")
 PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",
               "torch", "torchao", "advisor", "settings", "measured_at", "exported_at")
-_KNOB_TYPES = {"str": str, "int": int, "float": float}
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,15 @@ def _version(package: str) -> str | None:
         return None
 
 
-def to_dict(rec: Recommendation, study, storage_url: str) -> dict:
+def to_dict(rec: Recommendation, study: optuna.Study | StudyRecord, storage_url: str) -> dict:
     """The file's content for ``rec``, a recommendation from ``study``."""
-    attrs = study.user_attrs
-    hw = attrs.get("hardware", {})
-    trial = study.trials[rec.number]
-    workload = attrs.get("workload", {})
-    served = trial.user_attrs.get("result", {}).get("serving")
+    record = StudyRecord.of(study)
+    hw = record.hardware
+    trial = record.trial(rec.number)
+    workload = record.workload
+    served = (trial.result or {}).get("serving")
     serving = {} if not served else {"serving": {
-        "requests": attrs.get("settings", {}).get("serving_requests"),
+        "requests": record.settings.get("serving_requests"),
         **{k: served[k] for k in SERVING if k in served}}}
     return {
         "advisor_config": SCHEMA,
@@ -84,9 +86,9 @@ def to_dict(rec: Recommendation, study, storage_url: str) -> dict:
             "torch": hw.get("torch_version"),
             "torchao": _version("torchao"),
             "advisor": __version__,
-            "settings": attrs.get("settings", {}),
-            "measured_at": trial.datetime_complete.isoformat(timespec="seconds")
-            if trial.datetime_complete else None,
+            "settings": record.settings,
+            "measured_at": trial.completed_at.isoformat(timespec="seconds")
+            if trial.completed_at else None,
             "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         },
         **serving,
@@ -166,9 +168,11 @@ def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[s
 
 
 def _knobs(section: object, where: str) -> Knobs:
-    types = {f.name: _KNOB_TYPES[f.type] for f in fields(Knobs)}
+    """Every knob of the table: its type, and present unless added after the first schema
+    (``Knob.original``), when a missing one means its default."""
+    types = {k.name: k.type for k in table.table()}
     _keys(section, tuple(types), f"{where}: knobs",
-          required=tuple(n for n in types if n not in OPTIONAL_KNOBS))
+          required=tuple(k.name for k in table.table() if k.original))
     values = {}
     for name, kind in types.items():
         if name not in section:
@@ -181,7 +185,7 @@ def _knobs(section: object, where: str) -> Knobs:
         values[name] = value
     try:
         return Knobs(**values)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise AdvisorError(f"{where}: knobs: {exc}") from None
 
 

@@ -1,14 +1,21 @@
 """The objectives table: the one source of truth for what a trial is scored on.
 
-The study's directions, metric names, the printed tables and (later) dashboards and export
-are all driven by ``OBJECTIVES``; add an objective here and everything follows.
+The study's directions, metric names, the printed tables, the dashboards and the export are
+all driven by ``OBJECTIVES``; add an objective here and everything follows. What "better"
+means between two measured trials (dominance, the Pareto front, ratios to the baseline,
+hypervolume) is defined here too, once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,3 +59,42 @@ def values(metrics: Mapping[str, float]) -> list[float]:
 def ratio(value: float, baseline: float) -> float | None:
     """value / baseline, or None where the baseline is zero."""
     return value / baseline if baseline else None
+
+
+def oriented(metrics: Mapping[str, float]) -> tuple[float, ...]:
+    """Every objective as lower-is-better (maximized ones negated), in the table's order."""
+    return tuple(-metrics[o.name] if o.direction == "maximize" else metrics[o.name] for o in OBJECTIVES)
+
+
+def dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Metrics ``a`` are at least as good as ``b`` in every objective and better in one."""
+    ka, kb = oriented(a), oriented(b)
+    return all(x <= y for x, y in zip(ka, kb, strict=True)) and ka != kb
+
+
+def pareto(items: list[T]) -> list[T]:
+    """The items (anything with ``.metrics``) no other item dominates."""
+    return [c for c in items if not any(dominates(o.metrics, c.metrics) for o in items if o is not c)]
+
+
+def cost_ratios(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:
+    """Each objective as a ratio to the baseline where lower is better: value / baseline,
+    and for a maximized objective baseline / value (0.5x the accuracy costs 2.0)."""
+    out = []
+    for o in OBJECTIVES:
+        value, base = metrics[o.name], baseline[o.name]
+        if o.direction == "maximize":
+            out.append(base / value if value > 0 else math.inf)
+        else:
+            out.append(value / base if base > 0 else value)
+    return out
+
+
+def hypervolume(points: list, reference) -> float:
+    """Hypervolume of lower-is-better ``points`` inside the box up to ``reference``; points
+    outside it add nothing (Optuna's WFG computes it)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = np.asarray(reference, dtype=float)
+    inside = [p for p in points if np.all(np.asarray(p) < ref)]
+    return float(compute_hypervolume(np.array(inside, dtype=float), ref)) if inside else 0.0

@@ -1,7 +1,9 @@
-"""What the terminal shows: the live progress line and the Pareto-front table.
+"""What the terminal shows: the live progress line, the Pareto-front table, the
+recommendation, the studies of a storage and an applied configuration.
 
-Both read only what the study stores (trial params, the user attributes the runner wrote,
-the baseline), so ``advisor run`` and ``advisor show`` print the same thing.
+The tables read a study's record (``study/record.py``) only, so ``advisor run`` and
+``advisor show`` print the same thing; :class:`Progress` shows a run's events as they come.
+Only the screens (``cli/``, ``api.py``, the dashboard) import this module.
 """
 
 from __future__ import annotations
@@ -12,57 +14,26 @@ import time
 from typing import TextIO
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
+from advisor import knobs as table_of_knobs
 from advisor import recommend
+from advisor.constraints import Constraints
+from advisor.knobs import Knob, Knobs
 from advisor.objectives import OBJECTIVES, ratio
-from advisor.recommend import Constraints
-from advisor.space import Knobs
-
-KNOB_COLUMNS = (("precision", "precision"), ("accumulation", "accum"),
-                ("checkpoint_every", "ckpt"), ("compile", "compile"), ("lr", "lr"),
-                ("prune_kind", "prune"), ("quantization", "quant"), ("distill_alpha", "kd"))
-# Shown only for studies whose space offers token budgets (variable-length workloads).
-TOKENS_COLUMN = (("max_tokens", "tokens"),)
+from advisor.study.loop import Events
+from advisor.study.record import StudyRecord, StudySummary
+from advisor.texttable import table
+from advisor.trial.runner import Outcome
 
 
-def knob_columns(space: dict | None) -> tuple[tuple[str, str], ...]:
-    space = space or {}
-    return (KNOB_COLUMNS + (TOKENS_COLUMN if space.get("max_tokens") else ())
-            + ((("serving_max_batch", "serve"),) if space.get("serving_max_batch") else ()))
-
-
-def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    """A plain-text table; columns in ``right`` are right-aligned."""
-    right = right or set()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+def knob_columns(space: dict | None) -> tuple[Knob, ...]:
+    """The knobs with a column in a study over the stored ``space`` (``knobs.columns``)."""
+    return table_of_knobs.columns(space)
 
 
 def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
-    knobs = knobs or {}
-    if name == "prune_kind":
-        ratio = knobs.get("prune_ratio")
-        return f"{value} {ratio:g}" if value in ("structured", "unstructured") and ratio else str(value)
-    if name == "distill_alpha":
-        if not value:
-            return "off"
-        return f"T{knobs.get('distill_temperature', 4.0):g} a{float(value):g}"
-    if name == "lr":
-        return f"{float(value):.2g}"
-    if name == "checkpoint_every":
-        return "off" if value == 0 else f"1/{value}"
-    if name == "serving_max_batch":
-        return f"b{value} w{float(knobs.get('serving_max_wait_ms', 0.0)):g}ms" if value else "off"
-    if name == "max_tokens":
-        return "fixed" if value == 0 else str(value)
-    return str(value)
+    """One knob's cell, the other knobs (partial ``params``) at their given or default values."""
+    return table_of_knobs.cell(table_of_knobs.row(name), Knobs.from_dict({**(knobs or {}), name: value}))
 
 
 def objective_cell(name: str, value: float, base: float | None, spread: float | None = None) -> str:
@@ -76,16 +47,11 @@ def objective_cell(name: str, value: float, base: float | None, spread: float | 
     return f"{text} ({r:.3f}x)" if name == "accuracy" else f"{text} ({r:.2f}x)"
 
 
-def serving_study(study: optuna.Study) -> bool:
-    """Whether the study measures latency under a request rate (``--serving-rate``)."""
-    return bool(study.user_attrs.get("settings", {}).get("serving_rate"))
-
-
 def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
-                 columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS, serving: bool = False) -> list[str]:
+                 columns: tuple[Knob, ...], serving: bool = False) -> list[str]:
     base = baseline["metrics"] if baseline else {}
-    full = Knobs.from_dict(knobs).to_dict()  # conditional knobs a trial did not sample
-    cells = [label] + [knob_cell(k, full[k], full) for k, _ in columns]
+    full = Knobs.from_dict(knobs)  # conditional knobs a trial did not sample at their defaults
+    cells = [label] + [table_of_knobs.cell(k, full) for k in columns]
     for o in OBJECTIVES:
         spread = None
         if o.name == "latency_ms" and not serving:
@@ -100,8 +66,8 @@ def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
     return cells
 
 
-def headers(columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS, serving: bool = False) -> list[str]:
-    cols = ["trial"] + [short for _, short in columns]
+def headers(columns: tuple[Knob, ...], serving: bool = False) -> list[str]:
+    cols = ["trial"] + [k.column for k in columns]
     cols += ["p99 ms" if serving and o.name == "latency_ms" else f"{o.label} {o.unit}".strip()
              for o in OBJECTIVES]
     if serving:
@@ -109,46 +75,32 @@ def headers(columns: tuple[tuple[str, str], ...] = KNOB_COLUMNS, serving: bool =
     return [*cols, "train samples/s"]
 
 
-def front(study: optuna.Study, constraints: Constraints) -> tuple[list[FrozenTrial], int]:
-    """The Pareto front of the trials that meet ``constraints`` (most accurate first), and
-    how many trials meet them."""
-    baseline = study.user_attrs.get("baseline")
-    items = recommend.feasible(recommend.candidates(study), baseline and baseline["metrics"], constraints)
-    numbers = {c.number for c in recommend.pareto(items)}
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
-    return sorted(trials, key=lambda t: (-t.values[0], t.values[1])), len(items)
-
-
-def study_report(study: optuna.Study, goal: str = "balanced", constraints: Constraints | None = None,
-                 rec: recommend.Recommendation | None = None) -> str:
+def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
+                 constraints: Constraints | None = None, rec: recommend.Recommendation | None = None) -> str:
     """Baseline, Pareto front with ratios to the baseline, the recommendation (``rec`` when
     the caller has it already), and failures."""
-    attrs = study.user_attrs
-    constraints = constraints or Constraints.from_dict(attrs.get("constraints", {}))
-    baseline = attrs.get("baseline")
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    failed = [t for t in trials if t.state == TrialState.FAIL]
+    record = StudyRecord.of(study)
+    judged = record.front(constraints)
+    baseline = record.baseline
     out = []
-    hw = attrs.get("hardware", {})
+    hw = record.hardware
     if hw:
-        out.append(f"Study {study.study_name!r} on {hw.get('device')} ({hw.get('name')}), "
+        out.append(f"Study {record.name!r} on {hw.get('device')} ({hw.get('name')}), "
                    f"torch {hw.get('torch_version')}")
     rows = []
-    serving = serving_study(study)
-    columns = knob_columns(attrs.get("space"))
+    serving = record.serving is not None
+    columns = knob_columns(record.space)
     if baseline:
         rows.append(measured_row("baseline", baseline["knobs"], baseline, None, columns, serving))
-    shown, feasible = front(study, constraints)
-    for t in shown:
-        rows.append(measured_row(f"#{t.number}", t.params, t.user_attrs["result"], baseline, columns,
-                                 serving))
-    out.append(f"Pareto front: {len(shown)} of {feasible} trials that meet the constraints "
-               f"({constraints.describe()}), of {len(done)} completed ({len(failed)} failed); "
-               f"ratios are to the baseline"
+    for t in judged.front:
+        rows.append(measured_row(f"#{t.number}", t.params, t.result, baseline, columns, serving))
+    done = [t for t in record.trials if t.state == "complete"]
+    out.append(f"Pareto front: {len(judged.front)} of {len(judged.feasible)} trials that meet the "
+               f"constraints ({judged.constraints.describe()}), of {len(done)} completed "
+               f"({len(record.failed)} failed); ratios are to the baseline"
                + ("" if serving else ", latency ± is half the p10-p90 spread"))
     if serving:
-        s = attrs["settings"]
+        s = record.settings
         out.append(f"Serving: {s['serving_rate']:g} requests/s (Poisson, {s['serving_requests']} "
                    f"requests on a simulated clock fed by measured batch times); p99 is request "
                    f"latency including the queue; overload = share of requests later than "
@@ -156,36 +108,21 @@ def study_report(study: optuna.Study, goal: str = "balanced", constraints: Const
     first = len(columns) + 1
     extra = 3 if serving else 1
     out.append(table(headers(columns, serving), rows, right=set(range(first, first + len(OBJECTIVES) + extra))))
-    rec = rec or recommend.recommend_if_any(study, constraints, goal)
+    rec = rec or recommend.recommend_if_any(record, judged.constraints, goal)
     if rec:
         out.append("")
         out.append(render_recommendation(rec))
-    if failed:
+    if record.failed:
         out.append("")
         out.append("Failed trials:")
-        for t in failed:
-            out.append(f"  #{t.number} {Knobs.from_dict(t.params).describe()}"
-                       f" -> {failure_reason(t, trials)}")
-    excluded = attrs.get("space", {}).get("excluded", [])
-    if excluded:
+        for t in record.failed:
+            out.append(f"  #{t.number} {t.knobs.describe()} -> {record.failure_reason(t)}")
+    if record.excluded:
         out.append("")
         out.append("Left out of the search space on this hardware:")
-        for e in excluded:
+        for e in record.excluded:
             out.append(f"  {e['knob']}={e['value']}: {e['reason']}")
     return "\n".join(out)
-
-
-def failure_reason(trial: FrozenTrial, trials: list[FrozenTrial]) -> str:
-    """Why a trial failed: what its process reported, or, for a trial whose worker died,
-    that its heartbeat stopped (and which trial retried its knobs)."""
-    reason = trial.user_attrs.get("failure", {}).get("reason")
-    if reason:
-        return reason
-    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
-    retry = next((t.number for t in trials if t.number > trial.number and retried(t) == trial.number), None)
-    if retry is not None:
-        return f"its worker stopped sending heartbeats (killed or lost); retried as #{retry}"
-    return "no reason recorded (its worker stopped without reporting one: killed, or lost)"
 
 
 def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> str:
@@ -238,17 +175,9 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
 
 def studies_table(rdb, url: str) -> str:
     """The studies in a storage: name, workload, device, trial counts, baseline accuracy."""
-    rows = []
-    for summary in rdb.get_all_studies():
-        attrs = summary.user_attrs
-        trials = rdb.get_all_trials(summary._study_id, deepcopy=False)
-        count = {state: sum(1 for t in trials if t.state == state)
-                 for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
-        base = attrs.get("baseline", {}).get("metrics", {}).get("accuracy")
-        rows.append([summary.study_name, attrs.get("workload", {}).get("model") or "-",
-                     attrs.get("hardware", {}).get("device") or "-",
-                     str(count[TrialState.COMPLETE]), str(count[TrialState.FAIL]),
-                     str(count[TrialState.RUNNING]), f"{base:.4g}" if base is not None else "-"])
+    rows = [[s.name, s.model or "-", s.device or "-", str(s.counts["complete"]), str(s.counts["fail"]),
+             str(s.counts["running"]), f"{s.baseline_accuracy:.4g}" if s.baseline_accuracy is not None else "-"]
+            for s in StudySummary.all(rdb)]
     if not rows:
         return f"no studies in {url}; start one with advisor run"
     return table(["study", "workload", "device", "completed", "failed", "running",
@@ -270,7 +199,7 @@ def render_applied(applied) -> str:
         label = "p99 latency" if o.name == "latency_ms" and "serving" in applied.result else o.label
         rows.append([f"{label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}",
                      f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-", diff])
-    lines = [f"Applied {Knobs.from_dict(config.knobs.to_dict()).describe()}",
+    lines = [f"Applied {config.knobs.describe()}",
              f"(trial #{trial} of study {config.provenance.get('study')!r}, measured on "
              f"{config.provenance.get('device_name')})",
              table(["objective", "baseline now", f"study #{trial}", "applied now", "vs baseline",
@@ -301,8 +230,9 @@ def _locked(method):
     return locked
 
 
-class Progress:
-    """One live status line on a terminal, one permanent line per finished trial."""
+class Progress(Events):
+    """One live status line on a terminal, one permanent line per finished trial: the
+    terminal's view of a run's events."""
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -353,3 +283,18 @@ class Progress:
         if front is not None:
             self.front = front
         self._write_line(f"{self.current} | {self._clock()} | front {self.front} | {summary}")
+
+    def baseline_started(self, training: bool) -> None:
+        self.start(0, "training and measuring the baseline" if training else "measuring the baseline")
+
+    def baseline_finished(self, result: dict) -> None:
+        self.finish(f"baseline: {short_result(result)}")
+
+    def trial_started(self, index: int, number: int, knobs: Knobs) -> None:
+        self.start(index, f"#{number} {knobs.describe()}")
+
+    def trial_finished(self, number: int, outcome: Outcome, front: int | None) -> None:
+        if outcome.ok:
+            self.finish(short_result(outcome.result), front)
+        else:
+            self.finish("interrupted" if outcome.reason == "interrupted" else f"FAILED: {outcome.reason}")

@@ -1,184 +1,75 @@
-"""The search space: the knobs, their values on this hardware, and what was left out and why.
+"""The search space: each knob's values on this hardware, and what was left out and why.
 
-A trial's configuration is a :class:`Knobs`; :class:`Space` turns an Optuna trial into one.
-The space is hardware- and model-aware: each technique module says which of its values this
-device and model can run well, and the exclusions are stored with the study.
+``build`` asks each knob of the table (``advisor/knobs.py``) what this device and model can
+run; :class:`Space` turns an Optuna trial into :class:`~advisor.knobs.Knobs`, checks values a
+user asks to try, and is stored with the study (``to_dict``) so a resumed run can tell it
+searches the same space.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from torch import nn
 
+from advisor import knobs as table
 from advisor.errors import AdvisorError
 from advisor.hardware import Hardware
-from advisor.techniques import (
-    ANY,
-    Exclusion,
-    accumulation,
-    batching,
-    checkpointing,
-    compile,
-    distillation,
-    precision,
-    pruning,
-    quantization,
-)
-from advisor.techniques.accumulation import AccumulationConfig
-from advisor.techniques.batching import BatchingConfig, Lengths
-from advisor.techniques.checkpointing import CheckpointConfig
-from advisor.techniques.compile import CompileConfig
-from advisor.techniques.distillation import DistillationConfig
-from advisor.techniques.precision import PrecisionConfig
-from advisor.techniques.pruning import PruningConfig
-from advisor.techniques.quantization import QuantizationConfig
-from advisor.workload import Inputs
-
-DEFAULT_LR = 1e-3
-STEP = 0.1
-PRUNE_RATIO = (0.1, pruning.MAX_RATIO)
-RATIO_KINDS = ("unstructured", "structured")
-ALPHA = (0.0, 1.0)
-TEMPERATURE = (1.0, distillation.MAX_TEMPERATURE)
-# Serving knobs, offered when a study measures under a request rate (advisor/serving.py).
-SERVING_MAX_BATCH = (1, 2, 4, 8, 16, 32, 64)
-SERVING_MAX_WAIT_MS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """One point of the search space: the techniques a trial applies."""
-
-    precision: str = "fp32"
-    accumulation: int = 1
-    checkpoint_every: int = 0
-    compile: str = "none"
-    lr: float = DEFAULT_LR
-    prune_kind: str = "none"
-    prune_ratio: float = 0.0  # ignored by "none" and "2:4" (which is always half the weights)
-    quantization: str = "none"
-    distill_alpha: float = 0.0
-    distill_temperature: float = 4.0  # ignored while distill_alpha is 0
-    max_tokens: int = 0  # 0: fixed-size batches; else token-budget micro-batches (batching.py)
-    # The dynamic batcher of a serving study; 0 = the study measures no serving load.
-    serving_max_batch: int = 0
-    serving_max_wait_ms: float = 0.0
-
-    def __post_init__(self) -> None:
-        # Each technique's config validates its own value and names the known ones.
-        PrecisionConfig(self.precision)
-        AccumulationConfig(self.accumulation)
-        CheckpointConfig(self.checkpoint_every)
-        CompileConfig(self.compile)
-        PruningConfig(self.prune_kind, self.prune_ratio)
-        QuantizationConfig(self.quantization)
-        DistillationConfig(self.distill_alpha, self.distill_temperature)
-        if BatchingConfig(self.max_tokens).enabled and self.accumulation != 1:
-            raise ValueError("max_tokens > 0 splits each step into micro-batches by tokens: it "
-                             "takes accumulation 1")
-        if isinstance(self.serving_max_batch, bool) or not isinstance(self.serving_max_batch, int) \
-                or self.serving_max_batch < 0:
-            raise ValueError(f"serving_max_batch must be an integer >= 0; got {self.serving_max_batch!r}")
-        if isinstance(self.serving_max_wait_ms, bool) or not isinstance(self.serving_max_wait_ms, (int, float)) \
-                or not 0 <= self.serving_max_wait_ms < math.inf:
-            raise ValueError(f"serving_max_wait_ms must be a number >= 0; got {self.serving_max_wait_ms!r}")
-        if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive float; got {self.lr!r}")
-        if self.quantization == "qat-int8" and (self.precision != "fp32" or self.checkpoint_every):
-            raise ValueError("qat-int8 fine-tunes a traced fp32 graph with fake quantization: it "
-                             "takes precision fp32 and checkpoint_every 0")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Knobs:
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(values) - known)
-        if extra:
-            raise ValueError(f"unknown knobs {extra}; the known ones are {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        ckpt = "off" if self.checkpoint_every == 0 else f"1/{self.checkpoint_every}"
-        return (f"{self.precision} accum={self.accumulation} ckpt={ckpt} "
-                f"compile={self.compile} lr={self.lr:.2g} prune={self.prune_label()} "
-                f"quant={self.quantization} kd={self.distill_label()}"
-                + (f" tokens={self.max_tokens}" if self.max_tokens else "")
-                + (f" serve={self.serving_label()}" if self.serving_max_batch else ""))
-
-    def serving_label(self) -> str:
-        if not self.serving_max_batch:
-            return "off"
-        return f"b{self.serving_max_batch}/w{self.serving_max_wait_ms:g}ms"
-
-    def prune_label(self) -> str:
-        if self.prune_kind in ("none", "2:4"):
-            return self.prune_kind
-        return f"{self.prune_kind}:{self.prune_ratio:g}"
-
-    def distill_label(self) -> str:
-        if self.distill_alpha == 0:
-            return "off"
-        return f"T{self.distill_temperature:g}/a{self.distill_alpha:g}"
+from advisor.knobs import Knob, Knobs, Probe
+from advisor.techniques import ANY, Exclusion, batching, checkpointing
+from advisor.techniques.batching import Lengths
+from advisor.techniques.schedule import DEFAULT_LR
+from advisor.trial.cache import StudyCache
+from advisor.trial.spec import Settings
+from advisor.workload import Inputs, Workload
 
 
 @dataclass(frozen=True)
 class Space:
-    precision: tuple[str, ...]
-    accumulation: tuple[int, ...]
-    checkpoint_every: tuple[int, ...]
-    compile: tuple[str, ...]
-    lr: tuple[float, float]
-    prune_kind: tuple[str, ...]
-    quantization: tuple[str, ...]
+    """Per knob, its choices, or for a float knob its range: ``(low, high)`` (log-uniform)
+    or ``(low, high, step)``. ``space.quantization`` reads one knob's values."""
+
+    values: Mapping[str, tuple]
     excluded: tuple[Exclusion, ...]
     blocks: str
-    max_tokens: tuple[int, ...] = (0,)  # more than (0,) only for a variable-length workload
-    # (low, high, step) of the stepped float knobs; a benchmark narrows them to a grid.
-    prune_ratio: tuple[float, float, float] = (*PRUNE_RATIO, STEP)
-    distill_alpha: tuple[float, float, float] = (*ALPHA, STEP)
-    distill_temperature: tuple[float, float, float] = (*TEMPERATURE, 0.5)
-    # Empty unless the study measures under a request rate.
-    serving_max_batch: tuple[int, ...] = ()
-    serving_max_wait_ms: tuple[float, ...] = ()
+
+    def __getattr__(self, name: str) -> tuple:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"Space has no attribute {name!r}")
+
+    def offers(self, knob: Knob) -> bool:
+        """Whether a study over this space asks for ``knob`` at all: an original knob always
+        (even with one choice), a later one only where more than its default is offered."""
+        values = tuple(self.values.get(knob.name, ()))
+        return knob.original or values not in ((), (knob.default,))
+
+    def narrowed(self, **values: tuple) -> Space:
+        """This space with some knobs' values replaced (a benchmark's reduced grid)."""
+        return Space({**self.values, **values}, self.excluded, self.blocks)
 
     def suggest(self, trial: optuna.Trial) -> Knobs:
         """A trial's knobs. Some are conditional: a knob that cannot matter is not sampled
         (the ratio of "none", the temperature of alpha 0) and qat-int8 fixes fp32 without
         checkpointing, so the sampler never spends trials telling equal configs apart."""
-        quant = trial.suggest_categorical("quantization", self.quantization)
-        kind = trial.suggest_categorical("prune_kind", self.prune_kind)
-        # Asked only where budgets are offered, so other studies sample what they always did;
-        # a budget replaces accumulation.
-        tokens = trial.suggest_categorical("max_tokens", self.max_tokens) if len(self.max_tokens) > 1 else 0
-        values = {
-            "quantization": quant, "prune_kind": kind, "max_tokens": tokens,
-            "accumulation": trial.suggest_categorical("accumulation", self.accumulation) if not tokens else 1,
-            "compile": trial.suggest_categorical("compile", self.compile),
-            "lr": trial.suggest_float("lr", *self.lr, log=True),
-            "distill_alpha": _stepped(trial, "distill_alpha", self.distill_alpha),
-        }
-        if kind in RATIO_KINDS:
-            values["prune_ratio"] = _stepped(trial, "prune_ratio", self.prune_ratio)
-        if values["distill_alpha"] > 0:
-            values["distill_temperature"] = _stepped(trial, "distill_temperature",
-                                                     self.distill_temperature)
-        if quant != "qat-int8":
-            values["precision"] = trial.suggest_categorical("precision", self.precision)
-            values["checkpoint_every"] = trial.suggest_categorical("checkpoint_every",
-                                                                   self.checkpoint_every)
-        if self.serving_max_batch:
-            batch = trial.suggest_categorical("serving_max_batch", self.serving_max_batch)
-            values["serving_max_batch"] = batch
-            # A batch of one never waits for company: the wait cannot matter.
-            values["serving_max_wait_ms"] = (
-                trial.suggest_categorical("serving_max_wait_ms", self.serving_max_wait_ms)
-                if batch > 1 else 0.0)
-        return Knobs(**values)
+        chosen: dict[str, Any] = {}
+        for knob in table.ask_order():
+            if not self.offers(knob) or (knob.when is not None and not knob.when(chosen)):
+                chosen[knob.name] = knob.default
+                continue
+            values = self.values[knob.name]
+            if knob.sample == "choice":
+                chosen[knob.name] = trial.suggest_categorical(knob.name, values)
+            elif knob.sample == "log":
+                chosen[knob.name] = trial.suggest_float(knob.name, *values, log=True)
+            else:
+                low, high, step = values
+                chosen[knob.name] = trial.suggest_float(knob.name, low, high, step=step)
+        return Knobs(**chosen)
 
     def grid(self) -> list[Knobs]:
         """Every configuration ``suggest`` can return, for a finite space (``lr`` fixed, as
@@ -198,53 +89,41 @@ class Space:
 
     def check_values(self, values: dict) -> dict:
         """Knob values a user asks to try, checked against this space."""
-        names = [f.name for f in fields(Knobs)]
-        ranges = {"lr": self.lr, "prune_ratio": (0.0, PRUNE_RATIO[1]), "distill_alpha": ALPHA,
-                  "distill_temperature": TEMPERATURE}
-        checked = dict(values)
-        if not self.serving_max_batch:
-            for name in ("serving_max_batch", "serving_max_wait_ms"):
-                if checked.get(name):
-                    raise AdvisorError(f"{name} is a knob of serving studies only: add "
-                                       f"--serving-rate REQUESTS_PER_S to search it")
-                checked.pop(name, None)  # the default, 0, is what every plain trial has
-        for name, value in checked.items():
-            if name not in names:
-                raise AdvisorError(f"unknown knob {name!r}; the knobs are {', '.join(names)}")
-            if name in ranges:
-                low, high = ranges[name]
+        for name, value in values.items():
+            if name not in table.names():
+                raise AdvisorError(f"unknown knob {name!r}; the knobs are {', '.join(table.names())}")
+            knob = table.row(name)
+            if not self.values[name]:
+                if value:  # not searched here: the default, which every other trial has, is fine
+                    raise AdvisorError(f"{name} is {knob.needs or 'not searched in this study'}")
+                continue
+            if knob.sample != "choice":
+                low, high = knob.limits or self.values[name][:2]
                 if isinstance(value, bool) or not (isinstance(value, (int, float)) and low <= value <= high):
                     raise AdvisorError(f"{name} must be between {low:g} and {high:g}; got {value!r}")
-            elif value not in getattr(self, name):
+            elif value not in self.values[name]:
                 reasons = [e.reason for e in self.excluded if e.knob == name and e.value in (value, ANY)]
                 why = f" ({reasons[0]})" if reasons else ""
                 raise AdvisorError(
-                    f"{name} must be one of {list(getattr(self, name))} here; got {value!r}{why}")
+                    f"{name} must be one of {list(self.values[name])} here; got {value!r}{why}")
+        floats = {k.name for k in table.table() if k.type is float}
         try:
-            Knobs(**{k: float(v) if k in ranges else v for k, v in values.items()})
-        except ValueError as exc:
+            Knobs(**{k: float(v) if k in floats else v for k, v in values.items()})
+        except (ValueError, TypeError) as exc:
             raise AdvisorError(str(exc)) from None
         return dict(values)
 
     def to_dict(self) -> dict:
-        return {
-            "precision": list(self.precision),
-            "accumulation": list(self.accumulation),
-            "checkpoint_every": list(self.checkpoint_every),
-            "compile": list(self.compile),
-            "lr": list(self.lr),
-            "prune_kind": list(self.prune_kind),
-            "prune_ratio": list(self.prune_ratio[:2]),
-            "quantization": list(self.quantization),
-            "distill_alpha": list(self.distill_alpha[:2]),
-            "distill_temperature": list(self.distill_temperature[:2]),
-            "blocks": self.blocks,
-            "excluded": [e.to_dict() for e in self.excluded],
-            # Only spaces that offer these carry them, so spaces stored before them compare equal.
-            **({"max_tokens": list(self.max_tokens)} if len(self.max_tokens) > 1 else {}),
-            **({"serving_max_batch": list(self.serving_max_batch),
-                "serving_max_wait_ms": list(self.serving_max_wait_ms)} if self.serving_max_batch else {}),
-        }
+        def stored(knob: Knob) -> list:
+            values = self.values[knob.name]  # a float range as (low, high): its step is the table's
+            return list(values[:2] if knob.sample != "choice" else values)
+
+        out: dict[str, Any] = {k.name: stored(k) for k in table.table() if k.original}
+        out["blocks"] = self.blocks
+        out["excluded"] = [e.to_dict() for e in self.excluded]
+        # Later knobs only where offered, so spaces stored before them compare equal.
+        out.update({k.name: stored(k) for k in table.table() if not k.original and self.offers(k)})
+        return out
 
 
 def same_search(stored: dict | None, current: dict) -> bool:
@@ -260,17 +139,6 @@ def same_search(stored: dict | None, current: dict) -> bool:
         return {**space, "excluded": kept}
 
     return without(stored) == without(current)
-
-
-def baseline(lr: float, serving: bool = False) -> Knobs:
-    """The reference every trial is compared with: fp32 eager, nothing applied; under a
-    serving load, a server that runs each request alone (no dynamic batching)."""
-    return Knobs(lr=lr, serving_max_batch=1 if serving else 0)
-
-
-def _stepped(trial: optuna.Trial, name: str, bounds: tuple[float, float, float]) -> float:
-    low, high, step = bounds
-    return trial.suggest_float(name, low, high, step=step)
 
 
 class _Walk:
@@ -309,25 +177,21 @@ def build(hw: Hardware, model: nn.Module, batch_size: int, example: Inputs, *,
     of the model with it, so a kind or mode the model cannot take is never sampled.
     ``lengths`` (a variable-length workload's) sizes the token budgets offered.
     """
-    prec, ex_prec = precision.options(hw)
-    acc, ex_acc = accumulation.options(batch_size)
-    ckpt, ex_ckpt = checkpointing.options(model)
-    comp, ex_comp = compile.options(hw)
-    kinds, ex_prune = pruning.options(hw, model, example, keep)
-    quant, ex_quant = quantization.options(hw, model, example)
-    tokens, ex_tokens = batching.options(batch_size, lengths, model, example)
+    probe = Probe(hw=hw, model=model, batch_size=batch_size, example=example, lr=lr, keep=keep,
+                  lengths=lengths, serving=serving)
+    values, excluded = {}, []
+    for knob in table.table():
+        offered, left_out = knob.offer(probe)
+        values[knob.name] = tuple(offered)
+        excluded += left_out
     path, blocks = checkpointing.find_blocks(model)
-    return Space(
-        precision=tuple(prec),
-        accumulation=tuple(acc),
-        checkpoint_every=tuple(ckpt),
-        compile=tuple(comp),
-        lr=(lr / 10, lr * 3),
-        prune_kind=tuple(kinds),
-        quantization=tuple(quant),
-        excluded=tuple(ex_prec + ex_acc + ex_ckpt + ex_comp + ex_prune + ex_quant + ex_tokens),
-        blocks=f"{path}: {len(blocks)} blocks" if blocks else "none",
-        max_tokens=tuple(tokens),
-        serving_max_batch=SERVING_MAX_BATCH if serving else (),
-        serving_max_wait_ms=SERVING_MAX_WAIT_MS if serving else (),
-    )
+    return Space(values=values, excluded=tuple(excluded),
+                 blocks=f"{path}: {len(blocks)} blocks" if blocks else "none")
+
+
+
+def of_workload(hw: Hardware, workload: Workload, cache: StudyCache, settings: Settings) -> Space:
+    """:func:`build` for a workload whose cache is prepared, under a study's settings."""
+    return build(hw, workload.model, workload.batch_size, cache.probe_inputs(), lr=settings.lr,
+                 keep=workload.keep, serving=settings.serving_rate > 0,
+                 lengths=cache.lengths(workload.lengths))

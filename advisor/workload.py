@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advisor.errors import AdvisorError
+from advisor.errors import AdvisorError, first_line
+from advisor.files import safe_name
 
 DEFAULT_MODEL = "advisor.examples.digits:build"
 
@@ -115,7 +115,7 @@ def resolve(ref: str, option: str = "--model") -> Callable[..., Any]:
 
 def describe_exception(exc: BaseException) -> str:
     """``Type: message (file:line)`` of the innermost frame outside the advisor."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = first_line(exc)
     where = ""
     frames = traceback.extract_tb(exc.__traceback__)
     own = os.path.dirname(os.path.abspath(__file__))
@@ -218,7 +218,7 @@ def default_name(model_ref: str) -> str:
     module, _, fn = model_ref.partition(":")
     base = module.rsplit(".", 1)[-1]
     name = base if fn == "build" else f"{base}-{fn}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    return safe_name(name)
 
 
 def _describe(obj: object) -> str:
@@ -230,6 +230,23 @@ def _describe(obj: object) -> str:
 
 
 # -- calling the model -------------------------------------------------------------------
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """Move a batch's inputs (Tensor, tuple or dict) to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return tuple(v.to(device, non_blocking=True) for v in inputs)
+
+
+def shapes_of(inputs: Any) -> str:
+    """``Tensor[2, 1, 8, 8]`` / ``(Tensor[..], ..)`` / ``{'ids': Tensor[..]}`` for messages."""
+    if isinstance(inputs, torch.Tensor):
+        return f"Tensor{list(inputs.shape)}"
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {shapes_of(v)}" for k, v in inputs.items()) + "}"
+    return "(" + ", ".join(shapes_of(v) for v in inputs) + ")"
+
 
 def call_args(inputs: Inputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` the model takes the inputs as: ``(x,)``, ``x`` or ``**x``."""

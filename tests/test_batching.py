@@ -13,16 +13,14 @@ import yaml
 from test_export import ALL_KNOBS, exported
 
 import advisor
-from advisor import data, export, hardware, space
-from advisor import study as core
+from advisor import export, hardware, space
 from advisor.errors import AdvisorError
 from advisor.examples import digits, textcls
-from advisor.space import Knobs
+from advisor.knobs import Knobs
 from advisor.techniques import batching
-from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.batching import BatchingConfig, TokenBudgetSampler
-from advisor.techniques.compile import CompileConfig
-from advisor.techniques.precision import PrecisionConfig
+from advisor.trial import mapped
+from advisor.trial.cache import StudyCache
 from advisor.trial.train import Sampler, Trainer
 from advisor.workload import WorkloadRef, build, default_loss
 from conftest import FAST, PLAIN, cli
@@ -177,16 +175,14 @@ def test_a_model_that_trimming_would_change_is_not_offered_budgets(model, reason
 
 def _text_split(tmp_path, n: int = 64):
     ds = textcls.Sequences(n, seed=0)
-    data.materialize(ds, tmp_path / "train", "train")
-    split = data.MappedSplit(tmp_path / "train")
+    mapped.materialize(ds, tmp_path / "train", "train")
+    split = mapped.MappedSplit(tmp_path / "train")
     return split, batching.lengths_of(split, "attention_mask")
 
 
 def _trainer(model, split, lengths, max_tokens, batch_size=16):
-    return Trainer(model, model, split, default_loss, precision_cfg=PrecisionConfig(),
-                   accumulation=AccumulationConfig(), compile_cfg=CompileConfig(), batch_size=batch_size,
-                   lr=1e-3, steps=10, device=torch.device("cpu"), seed=0,
-                   batching_cfg=BatchingConfig(max_tokens), lengths=lengths)
+    return Trainer(model, model, split, default_loss, Knobs(lr=1e-3, max_tokens=max_tokens),
+                   batch_size=batch_size, steps=10, device=torch.device("cpu"), seed=0, lengths=lengths)
 
 
 def test_a_budget_step_has_the_fixed_steps_gradient_and_counts_its_samples(tmp_path):
@@ -231,11 +227,12 @@ def text_space(tmp_path_factory):
     ref = WorkloadRef(model=TEXT, data=None, cwd=".")
     workload = build(ref)
     cache = tmp_path_factory.mktemp("text")
-    info = core.prepare_cache(workload, ref, cache)
+    cache = StudyCache(cache)
+    info = cache.prepare(workload, ref)
     assert info["lengths"] == {"input": "attention_mask", "width": 256, "mean": pytest.approx(47.2, abs=0.1),
                                "max": 256}
-    return space.build(CPU, workload.model, workload.batch_size, core.probe_inputs(cache),
-                       lengths=core.sample_lengths(workload, cache))
+    return space.build(CPU, workload.model, workload.batch_size, cache.probe_inputs(),
+                       lengths=cache.lengths(workload.lengths))
 
 
 def digits_space():
@@ -292,7 +289,7 @@ def test_a_bad_lengths_field_is_refused_before_any_trial(tmp_path):
     workload.lengths = "mask"
     with pytest.raises(AdvisorError, match=r"Workload.lengths: there is no input 'mask': the inputs are a "
                                            r"dict with keys \['input_ids', 'attention_mask'\]"):
-        core.prepare_cache(workload, ref, tmp_path)
+        StudyCache(tmp_path).prepare(workload, ref)
     workload.lengths = 1.5
     with pytest.raises(AdvisorError, match=r"Workload\.lengths must name the attention-mask input"):
         advisor.workload.check_fields(workload)

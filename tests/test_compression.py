@@ -14,14 +14,15 @@ from torch import nn
 
 import advisor
 from advisor import hardware, space
-from advisor import study as core
 from advisor.errors import AdvisorError
-from advisor.space import Knobs
+from advisor.knobs import Knobs
+from advisor.study import load_study
 from advisor.techniques import distillation, pruning, quantization
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.pruning import PruningConfig, PruningFailed
 from advisor.techniques.quantization import QuantizationConfig
-from advisor.trial import compress, measure, worker
+from advisor.trial import compress, measure, pipeline
+from advisor.trial.cache import StudyCache
 from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import Settings, TrialSpec
 from advisor.workload import WorkloadRef, build
@@ -42,19 +43,19 @@ def prepared_trial(tmp_path, model_ref: str, knobs: dict, device: str = "cpu", *
     """A trial spec over a prepared cache whose baseline is the workload's initial weights."""
     ref = WorkloadRef(model=model_ref, data=None, cwd=os.getcwd())
     workload = build(ref)
-    cache = tmp_path / "cache"
-    core.prepare_cache(workload, ref, cache)
-    torch.save(workload.model.state_dict(), cache / worker.BASELINE_FILE)
-    return TrialSpec(role="trial", number=0, knobs=Knobs(**knobs).to_dict(),
-                     settings=Settings(**{**FAST, **settings}), cache_dir=str(cache), ref=ref,
+    cache = StudyCache(tmp_path / "cache")
+    cache.prepare(workload, ref)
+    cache.save_baseline(workload.model.state_dict())
+    return TrialSpec(role="trial", number=0, knobs=Knobs(**knobs),
+                     settings=Settings(**{**FAST, **settings}), cache=cache, ref=ref,
                      batch_size=workload.batch_size, device=device, threads=1, keep=workload.keep)
 
 
 def run_in_process(spec: TrialSpec, monkeypatch) -> tuple[dict, str]:
     """Run the trial here, keeping its artifact (the worker deletes it after measuring)."""
-    monkeypatch.setattr(worker, "shutil", types.SimpleNamespace(rmtree=lambda path: None))
-    result = worker.run(spec, lambda name: None)
-    return result, os.path.join(spec.cache_dir, "artifacts", "0", measure.ARTIFACT_NAME)
+    monkeypatch.setattr(pipeline, "shutil", types.SimpleNamespace(rmtree=lambda path: None))
+    result = pipeline.run(spec, lambda name: None)
+    return result, os.path.join(spec.cache.artifact_dir(0), measure.ARTIFACT_NAME)
 
 
 # -- pruning ----------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_each_cpu_mode_runs_end_to_end_and_reports_its_artifact(mode, tmp_path, 
 def test_int8_static_shrinks_the_digits_cnn_3x_within_a_point(workdir):
     result = advisor.run(trials=1, device="cpu", sampler="random", seed=0, latency_seconds=0.1,
                          enqueue=[{"quantization": "int8-static"}])
-    study = core.load_study(result.study_name, result.storage)
+    study = load_study(result.study_name, result.storage)
     base = study.user_attrs["baseline"]["metrics"]
     trial = study.trials[0].user_attrs["result"]["metrics"]
     assert base["size_mib"] / trial["size_mib"] >= 3, (base, trial)

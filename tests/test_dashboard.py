@@ -10,13 +10,20 @@ from optuna.distributions import CategoricalDistribution
 
 import advisor
 from advisor import api, dashboard, objectives
-from advisor.dashboard import data, render
-from advisor.recommend import Constraints
+from advisor.constraints import Constraints
+from advisor.dashboard import content as panel_data
+from advisor.dashboard import render
+from advisor.study import StudyRecord
 from conftest import FAST, PLAIN, require
 from test_recommend import FRONT, fixture_study
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 INJECTED = "<script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>"
+
+
+def hypervolume(study: optuna.Study, constraints: Constraints) -> panel_data.Hypervolume:
+    record = StudyRecord.of(study)
+    return panel_data.hypervolume(record, record.front(constraints))
 
 
 def with_failure(study: optuna.Study) -> optuna.Study:
@@ -44,7 +51,7 @@ def test_trial_statuses_tell_front_dominated_infeasible_and_failed_apart():
 
 def test_hypervolume_grows_with_better_trials_and_states_its_reference():
     study = fixture_study(FRONT)
-    hv = data.hypervolume(study, Constraints())
+    hv = hypervolume(study, Constraints())
     assert hv.numbers == [0, 1, 2, 3]
     assert hv.values == sorted(hv.values) and hv.values[-1] > hv.values[0] > 0
     assert "2x the baseline's latency, memory and size" in hv.reference
@@ -63,7 +70,7 @@ def test_small_and_failed_only_studies_say_why_panels_are_empty():
     html = render.page(panels, "")
     assert html.count('class="empty"') >= 4 and "RuntimeError: &lt;b&gt;boom&lt;/b&gt;" in html
     one = fixture_study({"A": FRONT["A"]})
-    assert data.hypervolume(one, Constraints()).empty == "1 completed trial: a curve needs two"
+    assert hypervolume(one, Constraints()).empty == "1 completed trial: a curve needs two"
 
 
 def test_hundreds_of_trials_render():

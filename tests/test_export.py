@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 import advisor
 from advisor import api, export, objectives, recommend
 from advisor.errors import AdvisorError
-from advisor.space import Knobs
+from advisor.knobs import Knobs
 from conftest import FAST, cli
 from test_recommend import BASELINE, result
 from workloads import MLP

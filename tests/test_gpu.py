@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import advisor
-from advisor import hardware, space, storage
+from advisor import hardware, space
 from advisor.errors import AdvisorError
-from advisor.techniques.accumulation import AccumulationConfig
-from advisor.techniques.compile import CompileConfig
-from advisor.techniques.precision import PrecisionConfig
+from advisor.knobs import Knobs
+from advisor.study import storage
 from advisor.trial import measure
 from advisor.trial.measure import MemoryMeter
 from advisor.trial.train import Trainer, fine_tune, training_memory
@@ -32,8 +31,7 @@ CUDA = torch.device("cuda", 0)
 def cuda_trainer(model, train, *, dtype="fp32", mode="none", compiled=None, batch_size=64):
     model.to(CUDA)
     return Trainer(model, compiled if compiled is not None else model, train, default_loss,
-                   precision_cfg=PrecisionConfig(dtype), accumulation=AccumulationConfig(1),
-                   compile_cfg=CompileConfig(mode), batch_size=batch_size, lr=1e-2, steps=10,
+                   Knobs(precision=dtype, compile=mode, lr=1e-2), batch_size=batch_size, steps=10,
                    device=CUDA, seed=0)
 
 
@@ -97,9 +95,9 @@ def test_reduce_overhead_with_accumulation_keeps_gradients(tmp_path):
     torch._dynamo.reset()
     model = Recorder().to(CUDA)
     compiled = torch.compile(model, mode="reduce-overhead")
-    t = Trainer(model, compiled, split(tmp_path), default_loss, precision_cfg=PrecisionConfig("bf16"),
-                accumulation=AccumulationConfig(2), compile_cfg=CompileConfig("reduce-overhead"),
-                batch_size=64, lr=1e-2, steps=10, device=CUDA, seed=0)
+    t = Trainer(model, compiled, split(tmp_path), default_loss,
+                Knobs(precision="bf16", accumulation=2, compile="reduce-overhead", lr=1e-2),
+                batch_size=64, steps=10, device=CUDA, seed=0)
     for _ in range(5):
         t.step()
     t.take_loss(5)

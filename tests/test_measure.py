@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from advisor import data
-from advisor.trial import measure, profile
+from advisor.trial import mapped, measure, profile
 from advisor.trial.measure import MIB, MemoryMeter
 from advisor.trial.train import Sampler, TrainingDiverged, fine_tune, training_memory
 from advisor.workload import accuracy
@@ -102,8 +101,8 @@ def test_size_is_the_bytes_of_the_saved_artifact(tmp_path):
 def test_accuracy_equals_an_independent_evaluation(tmp_path):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(203, 8, generator=g), torch.randint(0, 3, (203,), generator=g)
-    data.materialize(TensorDataset(x, y), tmp_path / "val", "val")
-    val = data.MappedSplit(tmp_path / "val")
+    mapped.materialize(TensorDataset(x, y), tmp_path / "val", "val")
+    val = mapped.MappedSplit(tmp_path / "val")
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     got = measure.evaluate(model, val, accuracy, batch=64, device=CPU,
                            autocast=torch.autocast("cpu", enabled=False))

@@ -7,8 +7,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 
 from advisor import objectives, recommend, report
+from advisor.constraints import Constraints
 from advisor.errors import AdvisorError
-from advisor.recommend import Candidate, Constraints
+from advisor.study import TrialRecord
 
 BASELINE = {"accuracy": 0.9, "latency_ms": 10.0, "memory_mib": 100.0, "size_mib": 10.0}
 
@@ -49,7 +50,7 @@ def label(study: optuna.Study, rec: recommend.Recommendation) -> str:
 
 
 def test_the_knee_of_a_hand_made_front():
-    items = [Candidate(i, {}, m, {}) for i, m in enumerate(FRONT.values())]
+    items = [TrialRecord(i, "complete", {}, {"metrics": m}) for i, m in enumerate(FRONT.values())]
     front = recommend.pareto(items)
     assert [c.number for c in front] == [0, 1, 2], "D is dominated by C"
     chosen, distance = recommend.knee(front, BASELINE)
@@ -133,4 +134,4 @@ def test_constraint_values_are_optunas_sign_convention():
     with pytest.raises(AdvisorError, match="--max-accuracy-drop must be a number; got 'a lot'"):
         Constraints(max_accuracy_drop="a lot")
     with pytest.raises(AdvisorError, match="--goal must be one of balanced"):
-        recommend.choose([Candidate(0, {}, BASELINE, {})], BASELINE, c, "cheapest")
+        recommend.choose([TrialRecord(0, "complete", {}, {"metrics": BASELINE})], BASELINE, c, "cheapest")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 
@@ -13,13 +12,16 @@ import pytest
 from advisor import objectives, space
 from advisor.bench import search
 from advisor.dashboard import render
+from advisor.knobs import Knobs
 from advisor.techniques import Exclusion
 from conftest import FAST, cli
 
-FULL = space.Space(
-    precision=("fp32", "bf16"), accumulation=(1, 2, 4, 8), checkpoint_every=(0, 1, 2),
-    compile=("none", "default"), lr=(1e-4, 3e-3), prune_kind=("none", "unstructured", "structured"),
-    quantization=("none", "int8-dynamic", "int8-static", "qat-int8"),
+FULL = space.Space(values={
+    "precision": ("fp32", "bf16"), "accumulation": (1, 2, 4, 8), "checkpoint_every": (0, 1, 2),
+    "compile": ("none", "default"), "lr": (1e-4, 3e-3), "prune_kind": ("none", "unstructured", "structured"),
+    "prune_ratio": (0.1, 0.8, 0.1), "quantization": ("none", "int8-dynamic", "int8-static", "qat-int8"),
+    "distill_alpha": (0.0, 1.0, 0.1), "distill_temperature": (1.0, 8.0, 0.5), "max_tokens": (0,),
+    "serving_max_batch": (), "serving_max_wait_ms": ()},
     excluded=(Exclusion("prune_kind", "2:4", "not here"),), blocks="blocks: 3 blocks")
 
 
@@ -43,7 +45,7 @@ def test_grid_needs_a_fixed_learning_rate():
 
 
 def test_narrowing_keeps_only_what_the_hardware_offers():
-    fp32_only = dataclasses.replace(FULL, precision=("fp32",), quantization=("none",))
+    fp32_only = FULL.narrowed(precision=("fp32",), quantization=("none",))
     grid = search.grid_space(fp32_only, 1e-3)
     assert grid.precision == ("fp32",) and grid.quantization == ("none",)
     assert {k.precision for k in grid.grid()} == {"fp32"}
@@ -61,20 +63,20 @@ BASE = [0.9, 2.0, 4.0, 1.0]  # accuracy, latency ms, memory MiB, size MiB
 
 def test_the_baseline_alone_scores_the_stated_volume():
     # Box from (-1, 1, 1, 1) to the reference (-0.8, 2, 2, 2): 0.2 x 1 x 1 x 1.
-    assert search.hypervolume([search.normalized(BASE, BASE)]) == pytest.approx(0.2)
+    assert search.hypervolume([search.signed_ratios(BASE, BASE)]) == pytest.approx(0.2)
 
 
 def test_hypervolume_of_two_points_by_inclusion_exclusion():
-    a = search.normalized([0.9, 1.0, 4.0, 1.0], BASE)  # half the latency: (-1, .5, 1, 1)
-    b = search.normalized([0.9, 2.0, 2.0, 1.0], BASE)  # half the memory: (-1, 1, .5, 1)
+    a = search.signed_ratios([0.9, 1.0, 4.0, 1.0], BASE)  # half the latency: (-1, .5, 1, 1)
+    b = search.signed_ratios([0.9, 2.0, 2.0, 1.0], BASE)  # half the memory: (-1, 1, .5, 1)
     # Each box 0.2 x 1.5 x 1 x 1 = 0.3; their overlap is the baseline's box, 0.2.
     assert search.hypervolume([a, b]) == pytest.approx(0.3 + 0.3 - 0.2)
 
 
 def test_a_point_outside_the_reference_box_adds_nothing():
-    worse = search.normalized([0.5, 1.0, 1.0, 0.1], BASE)  # accuracy below 80% of the baseline
+    worse = search.signed_ratios([0.5, 1.0, 1.0, 0.1], BASE)  # accuracy below 80% of the baseline
     assert search.hypervolume([worse]) == 0.0
-    base = search.normalized(BASE, BASE)
+    base = search.signed_ratios(BASE, BASE)
     assert search.hypervolume([base, worse]) == pytest.approx(0.2)
 
 
@@ -100,7 +102,7 @@ def _synthetic_table() -> dict:
     return {"workload": "synthetic", "hardware": {"device": "cpu", "name": "test", "torch_version": "-"},
             "settings": {"trial_steps": 1, "latency_batch": 1}, "grid": search.GRID,
             "space": grid.to_dict(), "lr": 1e-3, "baseline": BASE, "rows": rows,
-            "one_at_a_time": [{**space.Knobs().to_dict(), **c} for c in search.one_at_a_time_configs(grid)]}
+            "one_at_a_time": [{**Knobs().to_dict(), **c} for c in search.one_at_a_time_configs(grid)]}
 
 
 def test_replay_asks_through_the_space_and_is_told_the_table():
@@ -139,7 +141,7 @@ def test_compare_reports_every_sampler_budget_and_goal():
 
 
 def test_normalization_follows_the_objectives_table():
-    v = search.normalized([0.45, 1.0, 8.0, 0.5], BASE)
+    v = search.signed_ratios([0.45, 1.0, 8.0, 0.5], BASE)
     ratios = [0.5, 0.5, 2.0, 0.5]
     expected = [-r if o.direction == "maximize" else r for o, r in zip(objectives.OBJECTIVES, ratios, strict=True)]
     assert np.allclose(v, expected)
@@ -184,9 +186,9 @@ def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
     text = search.render(report)
     assert "live studies of the full space" in text and "random" in text
     oat = optuna.load_study(study_name="live-one-at-a-time", storage="sqlite:///live/live.db")
-    base = space.Knobs().to_dict()
+    base = Knobs().to_dict()
     for t in oat.trials:
-        changed = {k for k, v in space.Knobs.from_dict(t.params).to_dict().items() if v != base[k]}
+        changed = {k for k, v in Knobs.from_dict(t.params).to_dict().items() if v != base[k]}
         assert 1 <= len(changed - {"prune_ratio", "distill_temperature"}) <= 3, \
             f"one technique (the last config: three) on the baseline's knobs: {changed}"
     again = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,

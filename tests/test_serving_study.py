@@ -10,8 +10,9 @@ import pytest
 import yaml
 from test_search_bench import FULL
 
-from advisor import export, serving, space
+from advisor import export, knobs, serving
 from advisor.errors import AdvisorError
+from advisor.techniques import batcher
 from conftest import FAST_ARGS, PLAIN, cli
 
 
@@ -21,14 +22,13 @@ def test_serving_knobs_join_the_space_only_under_a_rate():
         trial = plain.ask()
         knobs = FULL.suggest(trial)
         assert knobs.serving_max_batch == 0 and not any(p.startswith("serving") for p in trial.params)
-    served = space.Space(**{**FULL.__dict__, "serving_max_batch": space.SERVING_MAX_BATCH,
-                            "serving_max_wait_ms": space.SERVING_MAX_WAIT_MS})
+    served = FULL.narrowed(serving_max_batch=batcher.MAX_BATCH, serving_max_wait_ms=batcher.MAX_WAIT_MS)
     seen = set()
     for _ in range(60):
         trial = plain.ask()
         knobs = served.suggest(trial)
         seen.add(knobs.serving_max_batch)
-        assert knobs.serving_max_batch in space.SERVING_MAX_BATCH
+        assert knobs.serving_max_batch in batcher.MAX_BATCH
         if knobs.serving_max_batch == 1:
             # A batch of one never waits for company: the wait is not sampled.
             assert "serving_max_wait_ms" not in trial.params and knobs.serving_max_wait_ms == 0
@@ -44,8 +44,8 @@ def test_serving_knobs_outside_a_serving_study_are_refused_with_the_fix():
 
 
 def test_the_baseline_serves_each_request_alone():
-    assert space.baseline(1e-3, serving=True).serving_max_batch == 1
-    assert space.baseline(1e-3).serving_max_batch == 0
+    assert knobs.baseline(1e-3, serving=True).serving_max_batch == 1
+    assert knobs.baseline(1e-3).serving_max_batch == 0
 
 
 def test_batches_are_padded_to_powers_of_two_up_to_max_batch():

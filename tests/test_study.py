@@ -12,7 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 import advisor
-from advisor import objectives, storage
+from advisor import objectives
+from advisor.study import storage
 from conftest import FAST, FAST_ARGS, PLAIN, cli, plain, plain_args
 
 KNOBS = {**PLAIN, "lr": 1e-3}

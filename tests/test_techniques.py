@@ -9,13 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from advisor import data
+from advisor.knobs import Knobs
 from advisor.techniques import accumulation, checkpointing, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
+from advisor.trial import mapped
 from advisor.trial.measure import MIB, MemoryMeter
 from advisor.trial.train import Trainer, fine_tune, training_memory
 from advisor.workload import default_loss
@@ -26,17 +27,16 @@ CPU = torch.device("cpu")
 def split(tmp_path, n=64, features=8, classes=3):
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g))
-    data.materialize(ds, tmp_path / "train", "train")
-    return data.MappedSplit(tmp_path / "train")
+    mapped.materialize(ds, tmp_path / "train", "train")
+    return mapped.MappedSplit(tmp_path / "train")
 
 
 def trainer(model, train, *, precision_dtype="fp32", steps=1, batch_size=16, compiled=None, lr=1e-3,
             device=CPU):
     model.to(device)
     return Trainer(model, model if compiled is None else compiled, train, default_loss,
-                   precision_cfg=PrecisionConfig(precision_dtype),
-                   accumulation=AccumulationConfig(steps), compile_cfg=CompileConfig(),
-                   batch_size=batch_size, lr=lr, steps=10, device=device, seed=0)
+                   Knobs(precision=precision_dtype, accumulation=steps, lr=lr),
+                   batch_size=batch_size, steps=10, device=device, seed=0)
 
 
 class Recorder(nn.Module):

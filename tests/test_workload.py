@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import advisor
-from advisor import data, workload
+from advisor import workload
 from advisor.errors import AdvisorError
-from advisor.study import check_consumable
+from advisor.trial import mapped as datamap
+from advisor.trial.cache import check_consumable
 from advisor.workload import WorkloadRef
 
 
@@ -71,17 +72,15 @@ def test_field_checks(field, value, message):
         workload.check_fields(built)
 
 
-def mapped(built: advisor.Workload, tmp_path) -> dict[str, data.MappedSplit]:
+def mapped(built: advisor.Workload, tmp_path) -> dict[str, datamap.MappedSplit]:
     for split in ("train", "val"):
-        data.materialize(getattr(built, split), tmp_path / split, split)
-    return {s: data.MappedSplit(tmp_path / s) for s in ("train", "val")}
+        datamap.materialize(getattr(built, split), tmp_path / split, split)
+    return {s: datamap.MappedSplit(tmp_path / s) for s in ("train", "val")}
 
 
 @pytest.mark.parametrize("name", ["tensor_mlp", "tuple_mlp", "dict_mlp", "dict_output_mlp"])
 def test_every_input_and_output_form_trains_and_evaluates(name, tmp_path):
-    from advisor.techniques.accumulation import AccumulationConfig
-    from advisor.techniques.compile import CompileConfig
-    from advisor.techniques.precision import PrecisionConfig
+    from advisor.knobs import Knobs
     from advisor.trial import measure
     from advisor.trial.train import Trainer
 
@@ -89,8 +88,7 @@ def test_every_input_and_output_form_trains_and_evaluates(name, tmp_path):
     splits = mapped(built, tmp_path)
     check_consumable(built, splits)
     trainer = Trainer(built.model, built.model, splits["train"], workload.loss_fn(built),
-                      precision_cfg=PrecisionConfig(), accumulation=AccumulationConfig(2),
-                      compile_cfg=CompileConfig(), batch_size=16, lr=1e-2, steps=30,
+                      Knobs(accumulation=2, lr=1e-2), batch_size=16, steps=30,
                       device=torch.device("cpu"), seed=0)
     before = measure.evaluate(built.model, splits["val"], workload.accuracy, batch=16,
                               device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))

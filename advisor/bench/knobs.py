@@ -7,13 +7,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
-
-from advisor import hardware, space, storage
-from advisor import study as core
+from advisor import hardware, space
+from advisor.bench.progress import Progress, silent
 from advisor.errors import AdvisorError
-from advisor.report import Progress, table
+from advisor.knobs import Knobs
+from advisor.study import RunOptions, load, run
+from advisor.techniques.schedule import DEFAULT_LR
+from advisor.texttable import table
+from advisor.trial.cache import StudyCache
+from advisor.trial.spec import Settings
 from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
 
 COMMON = (
@@ -32,7 +34,7 @@ COMMON = (
 
 
 def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
-                  progress: Progress | None = None, configs: list[dict] | None = None,
+                  progress: Progress = silent, configs: list[dict] | None = None,
                   **settings) -> dict:
     """Baseline, then each technique at its common setting (``COMMON``), with ratios.
 
@@ -42,14 +44,13 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
     """
     hw = hardware.detect(device)
     workload = build(WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd())))
-    lr = settings.get("lr") or space.DEFAULT_LR
+    lr = settings.get("lr") or DEFAULT_LR
     with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
         root = Path(study_dir or tmp)
         ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
-        cache = root / "cache" / "knobs"
-        core.prepare_cache(workload, ref, cache)
-        search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
-                             lr=lr, keep=workload.keep, lengths=core.sample_lengths(workload, cache))
+        cache = StudyCache(root / "cache" / "knobs")
+        cache.prepare(workload, ref)
+        search = space.of_workload(hw, workload, cache, Settings(lr=lr))
         runnable, skipped = [], []
         for config in (configs if configs is not None else COMMON):
             config = dict(config)
@@ -61,25 +62,24 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
                 skipped.append({"config": _label(config), "ok": False, "reason": f"not offered: {exc}"})
                 continue
             runnable.append(config)
-        base = space.Knobs(lr=lr).to_dict()
+        base = Knobs(lr=lr).to_dict()
         url = f"sqlite:///{root / 'knobs.db'}"
         full = [{**base, **c} for c in runnable]
-        options = core.RunOptions(model=model, device=device, trials=len(full), enqueue=full,
+        options = RunOptions(model=model, device=device, trials=len(full), enqueue=full,
                                   storage=url, cache_dir=str(root / "cache"), study="knobs",
                                   sampler="random", seed=0, **settings)
-        core.run(options, progress or Progress(len(full)))
-        study = optuna.load_study(study_name="knobs", storage=storage.open_storage(url))
-        baseline = study.user_attrs["baseline"]
+        run(options, progress(len(full)))
+        record = load("knobs", url)
+        baseline = record.baseline
         rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True)]
-        for t, config in zip(study.trials, runnable, strict=True):
+        for t, config in zip(record.trials, runnable, strict=True):
             label = _label(config)
-            if t.state == TrialState.COMPLETE:
-                rows.append(_knob_row(label, t.user_attrs["result"], baseline, ok=True))
+            if t.result is not None:
+                rows.append(_knob_row(label, t.result, baseline, ok=True))
             else:
-                rows.append({"config": label, "ok": False,
-                             "reason": t.user_attrs.get("failure", {}).get("reason", str(t.state))})
-    return {"hardware": hw.to_dict(), "workload": workload.name,
-            "settings": study.user_attrs["settings"], "rows": rows + skipped}
+                rows.append({"config": label, "ok": False, "reason": t.failure.get("reason", t.state)})
+    return {"hardware": hw.to_dict(), "workload": workload.name, "settings": record.settings,
+            "rows": rows + skipped}
 
 
 def _label(config: dict) -> str:

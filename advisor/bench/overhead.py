@@ -11,8 +11,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from advisor import study as core
-from advisor.report import Progress, table
+from advisor.bench.progress import Progress, silent
+from advisor.study import RunOptions, run
+from advisor.texttable import table
 
 MEASURED = ("baseline_train", "prune", "train", "quantize", "latency", "evaluate", "size", "memory",
             "profile")
@@ -20,13 +21,13 @@ GOAL_PCT = 15.0
 
 
 def overhead(trials: int = 6, seed: int = 0, model: str | None = None,
-             progress: Progress | None = None) -> dict:
+             progress: Progress = silent) -> dict:
     """Run ``trials`` trials of a fresh study; the per-trial split as a JSON-able dict."""
     with tempfile.TemporaryDirectory(prefix="advisor-bench-") as tmp:
-        options = core.RunOptions(model=model, trials=trials, seed=seed,
+        options = RunOptions(model=model, trials=trials, seed=seed,
                                   storage=f"sqlite:///{Path(tmp) / 'bench.db'}",
                                   cache_dir=str(Path(tmp) / "cache"))
-        result = core.run(options, progress or Progress(trials))
+        result = run(options, progress(trials))
     rows = []
     for t in result.timings:
         phases = t["phases"]

@@ -13,15 +13,16 @@ per knob, a fixed learning rate, no ``torch.compile``, whose trials cost minutes
 each configuration was measured once, so its noise is frozen into the table; a sampler that
 asks for a configuration twice gets the same values, where a live study would re-measure.
 
-Hypervolume: each trial's objectives are divided by the baseline's, maximized ones negated,
-so every objective is minimized and the baseline sits at (-1, 1, 1, 1). The reference point
-is ``REFERENCE``: 80% of the baseline's accuracy and twice its latency, memory and size. A
-trial outside that box adds nothing. The baseline alone scores 0.2 * 1 * 1 * 1 = 0.2.
+Hypervolume: each trial's objectives are divided by the baseline's, maximized ones negated
+(``signed_ratios``), so every objective is minimized and the baseline sits at (-1, 1, 1, 1).
+The reference point is ``SEARCH_REFERENCE``: 80% of the baseline's accuracy and twice its
+latency, memory and size. A trial outside that box adds nothing. The baseline alone scores
+0.2 * 1 * 1 * 1 = 0.2. (The dashboard's convergence curve uses cost ratios and a box of its
+own, ``dashboard/content.py``; the two figures are not comparable.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -30,17 +31,22 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from advisor import hardware, objectives, recommend, space, storage
-from advisor import study as core
+from advisor import hardware, objectives, space
 from advisor.bench.knobs import COMMON
+from advisor.bench.progress import Progress, silent
 from advisor.errors import AdvisorError
-from advisor.report import Progress, table
+from advisor.knobs import Knobs
+from advisor.study import SAMPLERS, RunOptions, StudyRecord, load, run
+from advisor.study.options import make_sampler
+from advisor.techniques.schedule import DEFAULT_LR
+from advisor.texttable import table
+from advisor.trial.cache import StudyCache
+from advisor.trial.spec import Settings
 from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
 BUDGETS = (10, 20, 30, 50, 100)
 # Reference point in baseline-normalized, all-minimized objectives (accuracy negated).
-REFERENCE = {"accuracy": 0.8, "latency_ms": 2.0, "memory_mib": 2.0, "size_mib": 2.0}
+SEARCH_REFERENCE = {"accuracy": 0.8, "latency_ms": 2.0, "memory_mib": 2.0, "size_mib": 2.0}
 # The reduced grid: each knob's values, intersected with what the hardware offers.
 GRID = {
     "precision": ("fp32", "bf16"),
@@ -64,26 +70,26 @@ def grid_space(full: space.Space, lr: float, grid: dict | None = None) -> space.
     narrowed = {name: tuple(v for v in grid[name] if v in getattr(full, name))
                 for name in ("precision", "accumulation", "checkpoint_every", "compile",
                              "prune_kind", "quantization")}
-    return dataclasses.replace(full, lr=(lr, lr), prune_ratio=tuple(grid["prune_ratio"]),
-                               distill_alpha=tuple(grid["distill_alpha"]),
-                               distill_temperature=tuple(grid["distill_temperature"]), **narrowed)
+    return full.narrowed(lr=(lr, lr), prune_ratio=tuple(grid["prune_ratio"]),
+                         distill_alpha=tuple(grid["distill_alpha"]),
+                         distill_temperature=tuple(grid["distill_temperature"]), **narrowed)
 
 
 def key(knobs: dict) -> str:
     """A configuration's identity in the table, the same however it was produced."""
-    k = space.Knobs.from_dict(knobs)
+    k = Knobs.from_dict(knobs)
     return k.describe()
 
 
 def one_at_a_time_configs(grid: space.Space) -> list[dict]:
     """The one-technique-at-a-time recipe (``COMMON``) as far as the grid holds it."""
     keys = {key(k.to_dict()) for k in grid.grid()}
-    base = space.Knobs(lr=grid.lr[0]).to_dict()
+    base = Knobs(lr=grid.lr[0]).to_dict()
     return [c for c in COMMON if key({**base, **c}) in keys]
 
 
 def measure_table(model: str | None = None, device: str = "auto", *, study_dir: str,
-                  grid: dict | None = None, progress: Progress | None = None, **settings) -> dict:
+                  grid: dict | None = None, progress: Progress = silent, **settings) -> dict:
     """Measure every grid configuration once with real trials; resumable.
 
     The trials live in an ordinary study (``search-table``) in ``study_dir``; a rerun
@@ -94,11 +100,10 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
     ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
     workload = build(ref)
     hw = hardware.detect(device)
-    lr = settings.get("lr") or space.DEFAULT_LR
-    cache = root / "cache" / "grid"
-    core.prepare_cache(workload, ref, cache)
-    full = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache), lr=lr,
-                       keep=workload.keep)
+    lr = settings.get("lr") or DEFAULT_LR
+    cache = StudyCache(root / "cache" / "grid")
+    cache.prepare(workload, ref)
+    full = space.of_workload(hw, workload, cache, Settings(lr=lr))
     values = grid or GRID
     grid = grid_space(full, lr, values)
     configs = [k.to_dict() for k in grid.grid()]
@@ -106,34 +111,33 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
     done = _measured(url)
     todo = [c for c in configs if key(c) not in done]
     if todo:
-        options = core.RunOptions(model=model, device=device, trials=len(todo), enqueue=todo,
+        options = RunOptions(model=model, device=device, trials=len(todo), enqueue=todo,
                                   storage=url, cache_dir=str(root / "cache"), study=TABLE_STUDY,
                                   sampler="random", seed=0, **settings)
-        core.run(options, progress or Progress(len(todo)))
-    study = optuna.load_study(study_name=TABLE_STUDY, storage=storage.open_storage(url))
+        run(options, progress(len(todo)))
+    record = load(TABLE_STUDY, url)
     rows = {}
-    for t in study.trials:
-        if t.state not in (TrialState.COMPLETE, TrialState.FAIL):
+    for t in record.trials:
+        if t.state not in ("complete", "fail"):
             continue
-        knobs = space.Knobs.from_dict(t.params).to_dict()
-        row = {"knobs": knobs, "trial": t.number, "ok": t.state == TrialState.COMPLETE}
+        knobs = t.knobs.to_dict()
+        row = {"knobs": knobs, "trial": t.number, "ok": t.state == "complete"}
         if row["ok"]:
-            row["values"] = list(t.values)
+            row["values"] = t.values
         else:
-            row["reason"] = t.user_attrs.get("failure", {}).get("reason", "failed")
+            row["reason"] = t.failure.get("reason", "failed")
         rows[key(knobs)] = row
     missing = [c for c in configs if key(c) not in rows]
     if missing:
         raise AdvisorError(f"{len(missing)} grid configurations have no measurement in {url}; "
                            "rerun the same command to measure them")
-    baseline = study.user_attrs["baseline"]
     return {
         "format": TABLE_FORMAT, "workload": workload.name, "hardware": hw.to_dict(),
-        "settings": study.user_attrs["settings"], "grid": values, "space": grid.to_dict(),
-        "lr": lr, "baseline": objectives.values(baseline["metrics"]),
+        "settings": record.settings, "grid": values, "space": grid.to_dict(),
+        "lr": lr, "baseline": objectives.values(record.baseline_metrics),
         "rows": [rows[key(c)] for c in configs],
-        "one_at_a_time": [{**space.Knobs(lr=lr).to_dict(), **c} for c in one_at_a_time_configs(grid)],
-        "measure_s": sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0),
+        "one_at_a_time": [{**Knobs(lr=lr).to_dict(), **c} for c in one_at_a_time_configs(grid)],
+        "measure_s": sum((t.seconds for t in record.trials), 0.0),
     }
 
 
@@ -142,14 +146,13 @@ def _measured(url: str) -> set[str]:
     if not Path(path).exists():
         return set()
     try:
-        study = optuna.load_study(study_name=TABLE_STUDY, storage=storage.open_storage(url))
-    except KeyError:
+        record = load(TABLE_STUDY, url)
+    except AdvisorError:  # no table study in it yet
         return set()
-    return {key(t.params) for t in study.trials
-            if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    return {key(t.params) for t in record.trials if t.state in ("complete", "fail")}
 
 
-def normalized(values: list[float], baseline: list[float]) -> np.ndarray:
+def signed_ratios(values: list[float], baseline: list[float]) -> np.ndarray:
     """Objectives over the baseline's, maximized ones negated: all minimized."""
     out = []
     for o, v, b in zip(objectives.OBJECTIVES, values, baseline, strict=True):
@@ -158,19 +161,19 @@ def normalized(values: list[float], baseline: list[float]) -> np.ndarray:
 
 
 def reference() -> np.ndarray:
-    return np.array([-REFERENCE[o.name] if o.direction == "maximize" else REFERENCE[o.name]
+    return np.array([-SEARCH_REFERENCE[o.name] if o.direction == "maximize" else SEARCH_REFERENCE[o.name]
                      for o in objectives.OBJECTIVES])
 
 
 def hypervolume(points: list[np.ndarray]) -> float:
-    """Hypervolume dominated by ``points`` (normalized) inside the reference box."""
-    return recommend.hypervolume(points, reference())
+    """Hypervolume dominated by ``points`` (``signed_ratios``) inside the reference box."""
+    return objectives.hypervolume(points, reference())
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
     """Objective values ``a`` (in the study's order) dominate ``b``."""
-    return recommend.dominates(dict(zip(objectives.NAMES, a, strict=True)),
-                               dict(zip(objectives.NAMES, b, strict=True)))
+    return objectives.dominates(dict(zip(objectives.NAMES, a, strict=True)),
+                                dict(zip(objectives.NAMES, b, strict=True)))
 
 
 def front(values: list[list[float]]) -> list[int]:
@@ -182,7 +185,7 @@ def replay(table: dict, sampler: str, seed: int, budget: int) -> list[dict]:
     grid = grid_from(table)
     rows = {key(r["knobs"]): r for r in table["rows"]}
     study = optuna.create_study(directions=objectives.DIRECTIONS,
-                                sampler=core.make_sampler(sampler, seed))
+                                sampler=make_sampler(sampler, seed))
     asked = []
     for _ in range(budget):
         trial = study.ask()
@@ -198,18 +201,20 @@ def replay(table: dict, sampler: str, seed: int, budget: int) -> list[dict]:
 def grid_from(table: dict) -> space.Space:
     s = table["space"]
     return space.Space(
-        precision=tuple(s["precision"]), accumulation=tuple(s["accumulation"]),
-        checkpoint_every=tuple(s["checkpoint_every"]), compile=tuple(s["compile"]),
-        lr=(table["lr"], table["lr"]), prune_kind=tuple(s["prune_kind"]),
-        quantization=tuple(s["quantization"]), excluded=(), blocks=s["blocks"],
-        prune_ratio=tuple(table["grid"]["prune_ratio"]),
-        distill_alpha=tuple(table["grid"]["distill_alpha"]),
-        distill_temperature=tuple(table["grid"]["distill_temperature"]))
+        values={"precision": tuple(s["precision"]), "accumulation": tuple(s["accumulation"]),
+                "checkpoint_every": tuple(s["checkpoint_every"]), "compile": tuple(s["compile"]),
+                "lr": (table["lr"], table["lr"]), "prune_kind": tuple(s["prune_kind"]),
+                "quantization": tuple(s["quantization"]),
+                "prune_ratio": tuple(table["grid"]["prune_ratio"]),
+                "distill_alpha": tuple(table["grid"]["distill_alpha"]),
+                "distill_temperature": tuple(table["grid"]["distill_temperature"]),
+                "max_tokens": (0,), "serving_max_batch": (), "serving_max_wait_ms": ()},
+        excluded=(), blocks=s["blocks"])
 
 
 def curve(rows: list[dict], baseline: list[float], budgets: tuple[int, ...]) -> dict[int, float]:
     """Hypervolume of the first ``b`` trials' front, for each budget ``b``."""
-    points = [normalized(r["values"], baseline) if r["ok"] else None for r in rows]
+    points = [signed_ratios(r["values"], baseline) if r["ok"] else None for r in rows]
     return {b: hypervolume([p for p in points[:b] if p is not None]) for b in budgets}
 
 
@@ -241,13 +246,13 @@ def compare(table: dict, samplers: tuple[str, ...] = SAMPLERS, seeds: int = 10, 
         "workload": table["workload"], "hardware": table["hardware"], "settings": table["settings"],
         "grid": table["grid"], "grid_size": len(table["rows"]),
         "failed_in_grid": sum(not r["ok"] for r in table["rows"]),
-        "reference": REFERENCE, "baseline_hypervolume": hypervolume([normalized(baseline, baseline)]),
+        "reference": SEARCH_REFERENCE, "baseline_hypervolume": hypervolume([signed_ratios(baseline, baseline)]),
         "budgets": list(budgets), "steps": list(steps),
         "samplers": {name: {"seeds": r["seeds"], "replay_s": r["replay_s"],
                             "hypervolume": {str(b): summary[name][b] for b in steps}}
                      for name, r in runs.items()},
         "one_at_a_time": oat,
-        "grid_hypervolume": hypervolume([normalized(r["values"], baseline)
+        "grid_hypervolume": hypervolume([signed_ratios(r["values"], baseline)
                                          for r in table["rows"] if r["ok"]]),
     }
     report["goals"] = _goals(runs, summary, oat, table)
@@ -271,7 +276,7 @@ def _one_at_a_time(table: dict) -> dict:
     chosen = [rows[key(base)]] + [rows[key(c)] for c in table["one_at_a_time"]]
     ok = [r for r in chosen if r["ok"]]
     return {"trials": len(chosen), "configs": [key(r["knobs"]) for r in chosen],
-            "hypervolume": hypervolume([normalized(r["values"], table["baseline"]) for r in ok]),
+            "hypervolume": hypervolume([signed_ratios(r["values"], table["baseline"]) for r in ok]),
             "failed": [key(r["knobs"]) for r in chosen if not r["ok"]]}
 
 
@@ -304,7 +309,7 @@ def _goals(runs: dict, summary: dict, oat: dict, table: dict) -> dict:
 
 def live(model: str | None = None, device: str = "auto", *, study_dir: str,
          samplers: tuple[str, ...] = ("tpe", "random"), seeds: int = 2, trials: int = 30,
-         budgets: tuple[int, ...] = (10, 20, 30), progress: Progress | None = None, **settings) -> dict:
+         budgets: tuple[int, ...] = (10, 20, 30), progress: Progress = silent, **settings) -> dict:
     """The comparison with real studies of the full space, no grid: ``seeds`` studies of
     ``trials`` trials per sampler, and the one-technique-at-a-time recipe as a study of its
     own. Slow (every trial is real), so few seeds; resumable like any study."""
@@ -326,7 +331,7 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
     hw = hardware.detect(device)
     # Whole configurations: the baseline's knobs with one technique changed (a partial one
     # would let the sampler fill the rest at random).
-    base = space.Knobs(lr=settings.get("lr") or space.DEFAULT_LR).to_dict()
+    base = Knobs(lr=settings.get("lr") or DEFAULT_LR).to_dict()
     configs = [{**base, **c} for c in COMMON]
     for c in configs:
         if c.get("compile") == "max-autotune" and hw.device != "cuda":
@@ -346,32 +351,30 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
                                   if not any(v and dominates(v, r["values"]) for v in values[:b])]
                                  for values in runs["tpe"]["values"]]
     return {
-        "mode": "live", "workload": oat.user_attrs["workload"]["name"],
-        "hardware": oat.user_attrs["hardware"], "settings": oat.user_attrs["settings"],
-        "reference": REFERENCE, "budgets": [b for b in budgets if b <= trials], "steps": list(steps),
+        "mode": "live", "workload": oat.workload["name"],
+        "hardware": oat.hardware, "settings": oat.settings,
+        "reference": SEARCH_REFERENCE, "budgets": [b for b in budgets if b <= trials], "steps": list(steps),
         "samplers": {name: {"seeds": r["seeds"], "hypervolume": {str(b): summary[name][b] for b in steps}}
                      for name, r in runs.items()},
         "one_at_a_time": {"trials": len(oat_values), "hypervolume": hypervolume(
-            [normalized(v, oat_base) for v in oat_values]), "failed": sum(not r["ok"] for r in oat_rows)},
+            [signed_ratios(v, oat_base) for v in oat_values]), "failed": sum(not r["ok"] for r in oat_rows)},
         "tpe_dominates_one_at_a_time": {"of": len(oat_ok), "escaped_per_seed": dominated},
         "trials_s": trial_s,  # the trials' own durations, over every run that made them
     }
 
 
 def _live_study(model, device, url: str, root: Path, name: str, trials: int, progress, **options):
-    run_options = core.RunOptions(model=model, device=device, trials=trials, study_trials=trials,
+    run_options = RunOptions(model=model, device=device, trials=trials, study_trials=trials,
                                   storage=url, cache_dir=str(root / "cache"), study=name, **options)
-    core.run(run_options, progress or Progress(trials))
-    return optuna.load_study(study_name=name, storage=storage.open_storage(url))
+    run(run_options, progress(trials))
+    return load(name, url)
 
 
-def _trial_rows(study: optuna.Study) -> tuple[list[dict], list[float]]:
+def _trial_rows(record: StudyRecord) -> tuple[list[dict], list[float]]:
     """A finished study's trials in order (failed ones count against the budget)."""
-    rows = [{"ok": t.state == TrialState.COMPLETE, "values": list(t.values or []),
-             "knobs": space.Knobs.from_dict(t.params).describe(),
-             "seconds": t.duration.total_seconds() if t.duration else 0.0}
-            for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-    return rows, objectives.values(study.user_attrs["baseline"]["metrics"])
+    rows = [{"ok": t.state == "complete", "values": t.values, "knobs": t.describe(), "seconds": t.seconds}
+            for t in record.trials if t.state in ("complete", "fail")]
+    return rows, objectives.values(record.baseline_metrics)
 
 
 def render(report: dict) -> str:

@@ -20,16 +20,12 @@ from pathlib import Path
 import torch
 
 from advisor import hardware
-from advisor import study as core
-from advisor.data import MappedSplit
 from advisor.errors import AdvisorError
-from advisor.report import table
+from advisor.knobs import Knobs
 from advisor.techniques import batching
-from advisor.techniques.accumulation import AccumulationConfig
-from advisor.techniques.batching import BatchingConfig
-from advisor.techniques.compile import CompileConfig
-from advisor.techniques.precision import PrecisionConfig
+from advisor.texttable import table
 from advisor.trial import measure
+from advisor.trial.cache import StudyCache
 from advisor.trial.measure import MemoryMeter
 from advisor.trial.train import Trainer, fine_tune, training_memory
 from advisor.workload import WorkloadRef, build, loss_fn, metric_fn
@@ -58,10 +54,10 @@ def varlen(model: str = TEXT, *, samples: int = 3200, repeats: int = 3, budgets:
                            f"this benchmark needs one, such as {TEXT}")
     bs = workload.batch_size
     with tempfile.TemporaryDirectory(prefix="advisor-varlen-") as tmp:
-        cache = Path(tmp)
-        core.prepare_cache(workload, ref, cache)
-        train, val = MappedSplit(cache / "data" / "train"), MappedSplit(cache / "data" / "val")
-        lengths = batching.lengths_of(train, workload.lengths)
+        cache = StudyCache(Path(tmp))
+        cache.prepare(workload, ref)
+        train, val = cache.split("train"), cache.split("val")
+        lengths = cache.lengths(workload.lengths)
         if budgets is None:
             budgets = [*batching.options(bs, lengths)[0][1:], bs * lengths.width]
         configs = [0, *sorted(set(budgets))]
@@ -73,10 +69,8 @@ def varlen(model: str = TEXT, *, samples: int = 3200, repeats: int = 3, budgets:
 
         def trainer_for(max_tokens: int) -> Trainer:
             net = copy.deepcopy(workload.model).to(dev)
-            return Trainer(net, net, train, loss, precision_cfg=PrecisionConfig(),
-                           accumulation=AccumulationConfig(), compile_cfg=CompileConfig(), batch_size=bs,
-                           lr=lr, steps=steps, device=dev, seed=seed,
-                           batching_cfg=BatchingConfig(max_tokens), lengths=lengths)
+            return Trainer(net, net, train, loss, Knobs(lr=float(lr), max_tokens=max_tokens), batch_size=bs,
+                           steps=steps, device=dev, seed=seed, lengths=lengths)
 
         for r in range(repeats):
             for max_tokens in configs:

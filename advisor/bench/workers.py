@@ -6,9 +6,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from advisor import hardware, space
-from advisor import study as core
-from advisor.report import Progress, table
+from advisor import hardware
+from advisor.bench.progress import Progress, silent
+from advisor.knobs import Knobs
+from advisor.study import RunOptions, run
+from advisor.texttable import table
 
 # The same work for every worker count: plain and compressed trials of the default workload.
 WORKER_CONFIGS = (
@@ -18,22 +20,22 @@ WORKER_CONFIGS = (
 )
 
 
-def workers(trials: int = 8, counts: tuple[int, ...] = (1, 2), progress: Progress | None = None,
+def workers(trials: int = 8, counts: tuple[int, ...] = (1, 2), progress: Progress = silent,
             **settings) -> dict:
     """Trials per hour of the default workload with 1 and 2 local workers, doing the same
     trials (``WORKER_CONFIGS``, eager, so no run pays a compiler the other does not), and the
     share of the workers' time spent waiting on the storage (asking and telling, including
     the wait for the lock that serializes them)."""
-    base = space.Knobs().to_dict()
+    base = Knobs().to_dict()
     configs = [{**base, **WORKER_CONFIGS[i % len(WORKER_CONFIGS)]} for i in range(trials)]
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory(prefix="advisor-workers-") as tmp:
             root = Path(tmp)
-            options = core.RunOptions(trials=trials, workers=n, enqueue=configs, sampler="random", seed=0,
+            options = RunOptions(trials=trials, workers=n, enqueue=configs, sampler="random", seed=0,
                                       storage=f"sqlite:///{root / 'workers.db'}",
                                       cache_dir=str(root / "cache"), study="workers", **settings)
-            result = core.run(options, progress or Progress(trials))
+            result = run(options, progress(trials))
         busy = sum(t["ask_s"] + t["process_s"] + t["store_s"] for t in result.timings)
         waiting = sum(t["ask_s"] + t["store_s"] for t in result.timings)
         rows.append({

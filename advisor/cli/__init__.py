@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from advisor import __version__
 from advisor.errors import AdvisorError
+from advisor.version import __version__
 
 
 class _Parser(argparse.ArgumentParser):

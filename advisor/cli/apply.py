@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from advisor import api
+from advisor.files import CACHE_DIR
 from advisor.report import render_applied
 
 
@@ -24,8 +25,8 @@ def register(sub) -> None:
                    help="where to save the deployable model (default optimized.pt2)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: all usable cores)")
-    p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
-                   help="data maps and the compiler cache (default studies/cache)")
+    p.add_argument("--cache-dir", default=CACHE_DIR, metavar="DIR",
+                   help=f"data maps and the compiler cache (default {CACHE_DIR})")
     p.set_defaults(handler=main)
 
 

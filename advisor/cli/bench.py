@@ -95,7 +95,7 @@ def _write(path: str, report: dict) -> None:
 def overhead(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise AdvisorError(f"--trials must be a positive integer; got {args.trials}")
-    report = bench.overhead(trials=args.trials, seed=args.seed, progress=Progress(args.trials))
+    report = bench.overhead(trials=args.trials, seed=args.seed, progress=Progress)
     print(bench.render(report))
     _write(args.json, report)
     return 0
@@ -105,7 +105,7 @@ def knobs(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in (("trial_steps", args.trial_steps),
                                   ("latency_seconds", args.latency_seconds)) if v is not None}
     report = bench.one_at_a_time(args.model, args.device, trial_timeout=args.trial_timeout,
-                                 **settings)
+                                 progress=Progress, **settings)
     print(bench.render_knobs(report))
     _write(args.json, report)
     return 0
@@ -114,7 +114,7 @@ def knobs(args: argparse.Namespace) -> int:
 def workers(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise AdvisorError(f"--trials must be a positive integer; got {args.trials}")
-    report = bench.workers(trials=args.trials)
+    report = bench.workers(trials=args.trials, progress=Progress)
     print(bench.render_workers(report))
     _write(args.json, report)
     return 0
@@ -150,12 +150,12 @@ def search_bench(args: argparse.Namespace) -> int:
             raise AdvisorError(f"--budgets must not exceed --live-trials {args.live_trials}; got {args.budgets}")
         report = search.live(args.model, args.device, study_dir="studies/search-live",
                              samplers=samplers, seeds=seeds, trials=args.live_trials, budgets=budgets,
-                             trial_timeout=args.trial_timeout, **settings)
+                             trial_timeout=args.trial_timeout, progress=Progress, **settings)
         print(search.render(report))
         _write(args.json or "studies/bench-search-live.json", report)
         return 0
     table = search.measure_table(args.model, args.device, study_dir=args.table_dir,
-                                 trial_timeout=args.trial_timeout, **settings)
+                                 trial_timeout=args.trial_timeout, progress=Progress, **settings)
     _write(str(Path(args.table_dir) / "table.json"), table)
     report = search.compare(table, samplers, seeds=seeds, gp_seeds=args.gp_seeds,
                             budgets=budgets, progress=print)

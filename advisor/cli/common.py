@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from advisor import storage
-from advisor.recommend import GOALS, LIMITS
+from advisor.constraints import LIMITS
+from advisor.recommend import GOALS
+from advisor.study import storage
 
 _HELP = {
     "max_accuracy_drop": "points of the metric (hundredths: percentage points of accuracy) a "
@@ -16,8 +17,13 @@ _HELP = {
 }
 
 
-def add_study(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", help="study name (needed when the storage holds several)")
+def add_study(p: argparse.ArgumentParser,
+              help: str = "study name (needed when the storage holds several)") -> None:
+    p.add_argument("--study", help=help)
+    add_storage(p)
+
+
+def add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
                    help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
 

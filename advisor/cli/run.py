@@ -6,9 +6,10 @@ import argparse
 import shlex
 import sys
 
-from advisor import dashboard, recommend, report, storage
-from advisor import study as core
+from advisor import dashboard, recommend, report
 from advisor.cli import common
+from advisor.files import CACHE_DIR
+from advisor.study import RunOptions, load, run, storage
 from advisor.workload import DEFAULT_MODEL
 
 
@@ -29,9 +30,7 @@ def register(sub) -> None:
     p.add_argument("--study-trials", type=int, metavar="N",
                    help="also stop when the study holds N trials, counting every worker's on every "
                         "machine: the budget of a study shared by several advisor run processes")
-    p.add_argument("--study", help="study name (default: the workload's name)")
-    p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
-                   help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
+    common.add_study(p, help="study name (default: the workload's name)")
     p.add_argument("--sampler", default="tpe", help="tpe (multivariate, default), nsga2, gp or random")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible knobs")
     p.add_argument("--try", dest="enqueue", action="append", type=knob_values, default=[],
@@ -69,8 +68,8 @@ def register(sub) -> None:
                    help="a served request slower than this counts as late, in the overload share "
                         "(default 100)")
     p.add_argument("--threads", type=int, help="CPU threads per trial (default: all usable cores)")
-    p.add_argument("--cache-dir", default="studies/cache", metavar="DIR",
-                   help="data maps, baseline weights, logs and the compiler cache (default studies/cache)")
+    p.add_argument("--cache-dir", default=CACHE_DIR, metavar="DIR",
+                   help=f"data maps, baseline weights, logs and the compiler cache (default {CACHE_DIR})")
     common.add_constraints(p)
     p.set_defaults(handler=main)
 
@@ -98,9 +97,9 @@ def _number(value: str) -> int | float | str:
     return value
 
 
-def options_from(args: argparse.Namespace) -> core.RunOptions:
-    fields = core.RunOptions.__dataclass_fields__
-    return core.RunOptions(**{k: v for k, v in vars(args).items() if k in fields})
+def options_from(args: argparse.Namespace) -> RunOptions:
+    fields = RunOptions.__dataclass_fields__
+    return RunOptions(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def next_commands(study_name: str, url: str) -> str:
@@ -119,8 +118,8 @@ def next_commands(study_name: str, url: str) -> str:
 def main(args: argparse.Namespace) -> int:
     options = options_from(args)
     progress = report.Progress(options.trials)
-    result = core.run(options, progress)
-    loaded = core.load_study(result.study_name, options.storage)
+    result = run(options, progress)
+    loaded = load(result.study_name, options.storage)
     rec = recommend.recommend_if_any(loaded)  # once: its knob importance takes seconds
     print(report.study_report(loaded, rec=rec))
     print()

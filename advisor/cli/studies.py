@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from advisor import api, storage
+from advisor import api
+from advisor.cli import common
 
 
 def register(sub) -> None:
     p = sub.add_parser("studies", help="list the studies in a storage",
                        description="List the studies in a storage with their trial counts.")
-    p.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
-                   help=f"SQLAlchemy URL of the study storage (default {storage.DEFAULT_URL})")
+    common.add_storage(p)
     p.set_defaults(handler=main)
 
 

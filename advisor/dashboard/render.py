@@ -1,4 +1,4 @@
-"""Draw the panels (``data``) into one self-contained HTML file with plotly.
+"""Draw the panels (``content.py``) into one self-contained HTML file with plotly.
 
 plotly.js is embedded once, so the file opens from disk with no network. Text that comes from
 the user or the study (names, workload references, failure reasons) is written into the page
@@ -14,9 +14,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from advisor.dashboard import data
+from advisor import knobs as knob_table
+from advisor.dashboard import content as panel
+from advisor.knobs import Knobs
 from advisor.objectives import OBJECTIVES
-from advisor.space import Knobs
 
 COLORS = {"front": "#d62728", "dominated": "#7f7f7f", "infeasible": "#c7c7c7",
           "baseline": "#1f77b4", "recommended": "#2ca02c"}
@@ -30,13 +31,13 @@ def _label(name: str, serving: bool = False) -> str:
     return f"{o.label} ({o.unit})" if o.unit else o.label
 
 
-def _hover(point: data.Point, serving: bool = False) -> str:
+def _hover(point: panel.Point, serving: bool = False) -> str:
     knobs = Knobs.from_dict(point.knobs).describe().replace(" ", "<br>")
     values = "<br>".join(f"{_label(o.name, serving)}: {point.metrics[o.name]:.4g}" for o in OBJECTIVES)
     return f"trial #{point.number} ({point.status})<br>{knobs}<br>{values}"
 
 
-def scatter_matrix(trials: data.Trials) -> go.Figure:
+def scatter_matrix(trials: panel.Trials) -> go.Figure:
     dims = [o.name for o in OBJECTIVES]
     serving = trials.serving is not None
     fig = go.Figure()
@@ -72,9 +73,9 @@ def scatter_matrix(trials: data.Trials) -> go.Figure:
     return fig
 
 
-def parallel(trials: data.Trials) -> go.Figure:
+def parallel(trials: panel.Trials) -> go.Figure:
     points = trials.points
-    knob_names = [k for k in Knobs().to_dict() if len({str(p.knobs[k]) for p in points}) > 1]
+    knob_names = [k for k in knob_table.names() if len({str(p.knobs[k]) for p in points}) > 1]
     dims = []
     for k in knob_names:
         values = [p.knobs[k] for p in points]
@@ -96,7 +97,7 @@ def parallel(trials: data.Trials) -> go.Figure:
     return fig
 
 
-def hypervolume(hv: data.Hypervolume) -> go.Figure:
+def hypervolume(hv: panel.Hypervolume) -> go.Figure:
     fig = go.Figure(go.Scatter(x=list(range(1, len(hv.values) + 1)), y=hv.values, mode="lines+markers",
                                text=[f"after trial #{n}" for n in hv.numbers], hoverinfo="text+y"))
     fig.update_layout(height=340, xaxis_title="completed trials", yaxis_title="hypervolume",
@@ -104,7 +105,7 @@ def hypervolume(hv: data.Hypervolume) -> go.Figure:
     return fig
 
 
-def importance(imp: data.Importance, serving: bool = False) -> go.Figure:
+def importance(imp: panel.Importance, serving: bool = False) -> go.Figure:
     fig = go.Figure()
     for name, scores in imp.per_objective.items():
         fig.add_trace(go.Bar(name=_label(name, serving), y=[k for k, _ in scores], x=[v for _, v in scores],
@@ -114,7 +115,7 @@ def importance(imp: data.Importance, serving: bool = False) -> go.Figure:
     return fig
 
 
-def breakdown(b: data.Breakdown) -> go.Figure:
+def breakdown(b: panel.Breakdown) -> go.Figure:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("wall time per phase (s)", "training memory (MiB)"))
@@ -132,7 +133,7 @@ def _empty(reason: str) -> str:
     return f'<p class="empty">Empty: {html.escape(reason)}.</p>'
 
 
-def _trials_table(rows: list[data.Row], serving: bool = False) -> str:
+def _trials_table(rows: list[panel.Row], serving: bool = False) -> str:
     e = html.escape
     extra = ["p50 request latency (ms)", "served requests/s", "overload share"] if serving else []
     head = ["trial", "state"] + [_label(o.name, serving) for o in OBJECTIVES] + extra + ["knobs", "reason"]
@@ -180,7 +181,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _context(ctx: data.Context) -> str:
+def _context(ctx: panel.Context) -> str:
     e = html.escape
     hw = ctx.hardware
     items = [("device", f"{hw.get('device', '?')} ({hw.get('name', '?')}), {hw.get('cores', '?')} cores"),
@@ -226,8 +227,8 @@ document.querySelectorAll('table.sortable th').forEach(function (th) {
 def page(panels: dict, recommendation_text: str) -> str:
     """The HTML document: ``panels`` holds each panel's data (see ``advisor.dashboard.build``)."""
     e = html.escape
-    ctx: data.Context = panels["context"]
-    trials: data.Trials = panels["trials"]
+    ctx: panel.Context = panels["context"]
+    trials: panel.Trials = panels["trials"]
     sections = []
 
     def section(title: str, body: str, panel: str) -> None:
@@ -249,14 +250,14 @@ def page(panels: dict, recommendation_text: str) -> str:
     section("Pareto front: every pair of objectives", note + body, "pareto")
     section("From knobs to objectives", _empty(trials.empty) if trials.empty or len(trials.points) < 2
             else _figure(parallel(trials), "parallel"), "parallel-panel")
-    hv: data.Hypervolume = panels["hypervolume"]
+    hv: panel.Hypervolume = panels["hypervolume"]
     reference = f"<p>Reference point: {e(hv.reference)}; feasible trials only.</p>"
     section("Hypervolume over trials", _empty(hv.empty) if hv.empty
             else reference + _figure(hypervolume(hv), "hypervolume"), "hypervolume-panel")
-    imp: data.Importance = panels["importance"]
+    imp: panel.Importance = panels["importance"]
     section("Which knobs matter", _empty(imp.empty) if imp.empty
             else _figure(importance(imp, trials.serving is not None), "importance"), "importance-panel")
-    b: data.Breakdown = panels["breakdown"]
+    b: panel.Breakdown = panels["breakdown"]
     section(f"Recommended trial #{b.number}: where time and memory went" if b.number is not None
             else "Recommended trial", _empty(b.empty) if b.empty
             else _figure(breakdown(b), "breakdown") + _operators(b.operators), "breakdown-panel")
@@ -277,7 +278,7 @@ def page(panels: dict, recommendation_text: str) -> str:
 
 def _summary(panels: dict) -> dict:
     """Counts the browser test compares with what rendered."""
-    trials: data.Trials = panels["trials"]
+    trials: panel.Trials = panels["trials"]
     return {"points": len(trials.points), "failed": len(trials.failed),
             "front": sum(1 for p in trials.points if p.status == "front"),
             "hypervolume": len(panels["hypervolume"].values)}

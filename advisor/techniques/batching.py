@@ -62,6 +62,13 @@ class BatchingConfig:
         return self.max_tokens > 0
 
 
+def check_knobs(values) -> None:
+    """A token budget cuts each step into micro-batches itself: it replaces accumulation."""
+    if values["max_tokens"] > 0 and values["accumulation"] != 1:
+        raise ValueError(f"{KNOB} > 0 splits each step into micro-batches by tokens: it "
+                         f"takes accumulation 1")
+
+
 @dataclass(frozen=True)
 class Lengths:
     """Each training sample's length in tokens, and the padded width they all share."""

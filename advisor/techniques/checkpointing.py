@@ -30,6 +30,9 @@ class CheckpointConfig:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
             raise ValueError(f"{KNOB} must be 0 (off) or a positive integer; got {self.every!r}")
 
+    def label(self) -> str:
+        return "off" if self.every == 0 else f"1/{self.every}"
+
 
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -17,6 +17,8 @@ from torch import nn
 
 KNOBS = ("distill_alpha", "distill_temperature")
 MAX_TEMPERATURE = 8.0
+ALPHA_RANGE = (0.0, 1.0, 0.1)  # (low, high, step) the space samples
+TEMPERATURE_RANGE = (1.0, MAX_TEMPERATURE, 0.5)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class DistillationConfig:
     @property
     def active(self) -> bool:
         return self.alpha > 0
+
+    def label(self, sep: str = "/") -> str:
+        return f"T{self.temperature:g}{sep}a{self.alpha:g}" if self.active else "off"
 
 
 def soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

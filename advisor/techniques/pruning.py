@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from advisor.errors import AdvisorError
+from advisor.errors import AdvisorError, first_line
 from advisor.hardware import Hardware
 from advisor.techniques import Exclusion, unknown
 from advisor.workload import Inputs, call_model, logits_of
@@ -32,6 +32,8 @@ from advisor.workload import Inputs, call_model, logits_of
 KNOB = "prune_kind"
 KINDS = ("none", "unstructured", "structured", "2:4")
 MAX_RATIO = 0.8
+RATIO_KINDS = ("unstructured", "structured")  # the kinds that take a ratio
+RATIO_RANGE = (0.1, MAX_RATIO, 0.1)  # (low, high, step) the space samples
 PROBE_RATIO = 0.5
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -55,6 +57,9 @@ class PruningConfig:
     @property
     def active(self) -> bool:
         return self.kind != "none" and (self.kind == "2:4" or self.ratio > 0)
+
+    def label(self) -> str:
+        return self.kind if self.kind not in RATIO_KINDS else f"{self.kind}:{self.ratio:g}"
 
 
 def output_layers(model: nn.Module, example: Inputs) -> list[nn.Module]:
@@ -117,7 +122,7 @@ def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[
         raise
     except Exception as exc:
         raise PruningFailed(f"{config.kind} pruning failed in Torch-Pruning/torch: "
-                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                            f"{type(exc).__name__}: {first_line(exc)}"
                             ) from None
     finally:
         model.train(was_training)

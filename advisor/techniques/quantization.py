@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from advisor.errors import first_line
 from advisor.hardware import Hardware
 from advisor.techniques import Exclusion, unknown
 from advisor.techniques.precision import HALF_DTYPES
@@ -70,6 +71,14 @@ class QuantizationConfig:
         if self.mode in ("int4-weight-only", "float8"):
             return torch.bfloat16
         return None
+
+
+def check_knobs(values) -> None:
+    """QAT fine-tunes a traced fp32 graph: no autocast, no checkpointed blocks inside it."""
+    if QuantizationConfig(values["quantization"]).qat and (
+            values["precision"] != "fp32" or values["checkpoint_every"]):
+        raise ValueError("qat-int8 fine-tunes a traced fp32 graph with fake quantization: it "
+                         "takes precision fp32 and checkpoint_every 0")
 
 
 # -- PT2E ---------------------------------------------------------------------------------
@@ -211,8 +220,7 @@ def _export_failure(model: nn.Module, example: Inputs) -> str:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             _export(copy.deepcopy(model).cpu().eval(), example)
     except Exception as exc:  # the reason is the library's, reported as a space exclusion
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"torch.export cannot capture the model for PT2E: {type(exc).__name__}: {first}"
+        return f"torch.export cannot capture the model for PT2E: {type(exc).__name__}: {first_line(exc)}"
     finally:
         logging.disable(logging.NOTSET)
     return ""

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advisor.space import Knobs
+from advisor.knobs import Knobs
 from advisor.techniques import checkpointing, pruning, quantization
 from advisor.techniques import compile as compile_technique
+from advisor.techniques.compile import CompileConfig
 from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
 from advisor.workload import Inputs
@@ -31,9 +32,9 @@ def student(model: nn.Module, knobs: Knobs, example: Inputs,
 
     Returns the model to fine-tune and what pruning did (parameter counts).
     """
-    prune_cfg = PruningConfig(knobs.prune_kind, knobs.prune_ratio)
+    prune_cfg = knobs.config(PruningConfig)
     info = pruning.apply(model, prune_cfg, example, keep)
-    if QuantizationConfig(knobs.quantization).qat:
+    if knobs.config(QuantizationConfig).qat:
         # A mask traced into the QAT graph would leave its weights non-constant, which
         # inductor cannot freeze into int8 kernels: the zeros are made permanent first
         # (the fine-tune may then move some of them; the result reports the sparsity left).
@@ -71,15 +72,16 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     """The model to ship, built from a copy of the fine-tuned ``trained`` model."""
     model = pruning.clone(trained)
     checkpointing.remove(model)
-    prune_cfg = PruningConfig(knobs.prune_kind, knobs.prune_ratio)
+    prune_cfg = knobs.config(PruningConfig)
     pruning.finalize(model, prune_cfg)
     sparsity = pruning.sparsity(model) if prune_cfg.kind == "unstructured" else None
-    config = QuantizationConfig(knobs.quantization)
+    config = knobs.config(QuantizationConfig)
     model = quantization.quantize(model, config, example, calibration)
     model.requires_grad_(False)
     # PT2E int8 runs int8 kernels only once inductor freezes it; the other models are
     # compiled for inference when the trial's compile knob asks for it.
-    mode = knobs.compile if knobs.compile != "none" else ("default" if config.pt2e else "none")
+    compile_mode = knobs.config(CompileConfig).mode
+    mode = compile_mode if compile_mode != "none" else ("default" if config.pt2e else "none")
     run = compile_technique.deploy(model, mode) if mode != "none" else model
     if config.input_dtype is not None:
         run = CastInputs(run, config.input_dtype)

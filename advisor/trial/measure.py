@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from advisor.data import MappedSplit, to_device
 from advisor.errors import AdvisorError
-from advisor.workload import MetricFn, call_model, logits_of, metric_value
+from advisor.trial.mapped import MappedSplit
+from advisor.workload import MetricFn, call_model, logits_of, metric_value, to_device
 
 MIB = 1024 * 1024
 

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from advisor.trial.spec import TrialSpec
-from advisor.trial.worker import log_path
 
 # Imported once in the fork server: what every trial would otherwise import itself.
-PRELOAD = ["advisor.trial.worker", "torch._dynamo", "torch._inductor.compile_fx"]
+PRELOAD = ["advisor.trial.process", "torch._dynamo", "torch._inductor.compile_fx"]
 
 _SIGNALS = {
     signal.SIGKILL: "killed (SIGKILL; the system may have run out of memory)",
@@ -61,12 +60,12 @@ class TrialRunner:
             on_tick: Callable[[str, float], None] | None = None,
             stop: threading.Event | None = None) -> Outcome:
         """Run ``spec`` in a new process; ``stop`` (set on Ctrl-C) ends it as "interrupted"."""
-        from advisor.trial import worker
+        from advisor.trial import process as trial_process
 
         began = time.time()
         spec = replace(spec, spawned_at=began)
         receiver, sender = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=worker.main, args=(spec, sender), daemon=True)
+        process = self.ctx.Process(target=trial_process.main, args=(spec, sender), daemon=True)
         with _main_not_reimported():
             process.start()
         sender.close()
@@ -112,7 +111,7 @@ class TrialRunner:
                               reason=f"trial process {_exit_reason(process.exitcode)} during {phase}")
         outcome.wall_s = time.time() - began
         if not outcome.ok:
-            outcome.log_tail = _tail(log_path(spec.cache_dir, spec.number))
+            outcome.log_tail = _tail(spec.log)
         return outcome
 
 

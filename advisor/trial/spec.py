@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from advisor.errors import AdvisorError
-from advisor.workload import WorkloadRef
+from advisor.knobs import Knobs
+from advisor.trial.cache import StudyCache
+from advisor.workload import Workload, WorkloadRef
 
 
 @dataclass(frozen=True)
@@ -65,21 +68,47 @@ def flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """Everything a trial process needs; it never touches the study's storage."""
+    """Everything a trial process needs; it never touches the study's storage.
 
-    role: str  # "baseline" or "trial"
-    number: int  # the Optuna trial number (-1 for the baseline)
-    knobs: dict
+    A study (or ``advisor apply``) fills one template per run and derives each trial's
+    spec from it with :meth:`baseline` and :meth:`trial`.
+    """
+
     settings: Settings
-    cache_dir: str  # data maps, the pickled workload, the baseline weights
+    cache: StudyCache  # data maps, the pickled workload, the baseline weights, logs
     ref: WorkloadRef  # to rebuild the workload when it could not be pickled
     batch_size: int  # the workload's effective training batch
     device: str
     threads: int
+    role: str = "trial"  # "baseline" or "trial"
+    number: int = -1  # the Optuna trial number (-1 for the baseline)
+    knobs: Knobs = field(default_factory=Knobs)
     env: tuple[tuple[str, str], ...] = ()  # environment of the trial (the compiler cache)
     train_baseline: bool = False  # role "baseline": train before measuring
     spawned_at: float = 0.0  # wall clock when the parent started the process
     keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)
-    memory_limit_mb: float | None = None  # --trial-memory-mb: see worker.limit_memory
+    memory_limit_mb: float | None = None  # --trial-memory-mb: see process.limit_memory
     cpus: tuple[int, ...] = ()  # with --workers: the cores this trial's process may run on
     lengths: str | int | None = None  # Workload.lengths: the input holding the attention mask
+
+    @classmethod
+    def template(cls, workload: Workload, ref: WorkloadRef, cache: StudyCache, settings: Settings,
+                 device: str, threads: int, memory_limit_mb: float | None = None) -> TrialSpec:
+        env = (("TORCHINDUCTOR_CACHE_DIR", str(cache.compiler_dir)),
+               ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
+        return cls(settings=settings, cache=cache, ref=ref, batch_size=workload.batch_size,
+                   device=device, threads=threads, env=env, keep=workload.keep,
+                   lengths=workload.lengths, memory_limit_mb=memory_limit_mb)
+
+    def baseline(self, knobs: Knobs, train: bool) -> TrialSpec:
+        return replace(self, role="baseline", number=-1, knobs=knobs, train_baseline=train)
+
+    def trial(self, number: int, knobs: Knobs, cpus: tuple[int, ...] = (),
+              env: tuple[tuple[str, str], ...] = ()) -> TrialSpec:
+        """Trial ``number``; on a worker's own ``cpus`` (as many threads), with its ``env``."""
+        return replace(self, role="trial", number=number, knobs=knobs, cpus=cpus,
+                       threads=len(cpus) or self.threads, env=self.env + env)
+
+    @property
+    def log(self) -> Path:
+        return self.cache.log(self.number)

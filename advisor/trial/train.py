@@ -1,4 +1,4 @@
-"""The fine-tune every trial runs: AdamW, linear warm-up then cosine decay, and the knobs.
+"""The fine-tune every trial runs: AdamW on the schedule of ``techniques/schedule.py``, under the knobs.
 
 One optimizer step takes ``accumulation`` micro-batches of ``batch_size / accumulation``
 samples under the trial's autocast (with a GradScaler for fp16); with distillation, the
@@ -24,14 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from advisor.data import MappedSplit, to_device
 from advisor.errors import AdvisorError
+from advisor.knobs import Knobs
 from advisor.techniques import batching, distillation, precision
 from advisor.techniques.accumulation import AccumulationConfig
 from advisor.techniques.batching import BatchingConfig, Lengths, TokenBudgetSampler
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
+from advisor.techniques.schedule import ScheduleConfig, warmup_cosine
+from advisor.trial.mapped import MappedSplit
 from advisor.trial.measure import (
     MIB,
     MemoryMeter,
@@ -41,24 +43,11 @@ from advisor.trial.measure import (
     peak_in_fresh_arena,
     synchronize,
 )
-from advisor.workload import LossFn, call_model, logits_of
+from advisor.workload import LossFn, call_model, logits_of, to_device
 
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
-    warm = max(1, round(0.1 * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Sampler:
@@ -121,30 +110,28 @@ class Trainer:
     """Runs optimizer steps of ``model`` (``compiled`` is what is called) under the knobs."""
 
     def __init__(self, model: nn.Module, compiled: nn.Module, data: MappedSplit, loss: LossFn,
-                 *, precision_cfg: PrecisionConfig, accumulation: AccumulationConfig,
-                 compile_cfg: CompileConfig, batch_size: int, lr: float, steps: int,
-                 device: torch.device, seed: int, teacher: nn.Module | None = None,
-                 distill: DistillationConfig | None = None, batching_cfg: BatchingConfig | None = None,
-                 lengths: Lengths | None = None) -> None:
+                 knobs: Knobs, *, batch_size: int, steps: int, device: torch.device, seed: int,
+                 teacher: nn.Module | None = None, lengths: Lengths | None = None) -> None:
         self.model, self.compiled, self.data, self.loss = model, compiled, data, loss
-        self.teacher, self.distill = teacher, distill or DistillationConfig()
+        self.teacher, self.distill = teacher, knobs.config(DistillationConfig)
         self.device = device
+        accumulation = knobs.config(AccumulationConfig)
         self.accumulation = accumulation.steps
         self.micro = accumulation.micro_batch(batch_size)
         self.lengths = lengths
         self.budget: TokenBudgetSampler | None = None
-        if batching_cfg is not None and batching_cfg.enabled:
+        batching_cfg = knobs.config(BatchingConfig)
+        if batching_cfg.enabled:
             if lengths is None:
                 raise AdvisorError(f"{batching.KNOB} {batching_cfg.max_tokens} needs per-sample lengths; "
                                    f"name the attention-mask input in Workload.lengths")
-            if self.accumulation != 1:
-                raise AdvisorError(f"{batching.KNOB} > 0 takes accumulation 1; got {self.accumulation}")
             self.budget = TokenBudgetSampler(lengths.tokens, batching_cfg.max_tokens, batch_size, seed)
         self.samples = self.tokens = self.padded_tokens = 0
+        precision_cfg = knobs.config(PrecisionConfig)
         self.autocast = lambda: precision.autocast(precision_cfg, device.type)
         self.scaler = precision.grad_scaler(precision_cfg, device.type)
-        self.cudagraphs = compile_cfg.cudagraphs and device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.cudagraphs = knobs.config(CompileConfig).cudagraphs and device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=knobs.config(ScheduleConfig).lr)
         self.schedule = warmup_cosine(self.optimizer, steps)
         self.sampler = Sampler(len(data), seed)
         self.micro_batches = 0

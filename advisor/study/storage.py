@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import warnings
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from advisor.errors import AdvisorError
+from advisor.errors import AdvisorError, first_line
+from advisor.files import flock
 
 DEFAULT_URL = "sqlite:///studies/advisor.db"
 
@@ -114,31 +114,15 @@ def lock(url: str, name: str) -> Iterator[None]:
             engine.dispose()
     elif backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database).expanduser()
-        with _flock(path.with_name(path.name + ".lock")):
+        with flock(path.with_name(path.name + ".lock")):
             yield
     else:
         yield
 
 
-def local_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
-    """An exclusive lock on ``directory`` for processes of this machine (the data cache)."""
-    return _flock(directory / ".lock")
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The database driver's own message where SQLAlchemy wraps one."""
+    return first_line(getattr(exc, "orig", None) or exc) or type(exc).__name__
 
 
 def put_blob(storage: optuna.storages.RDBStorage, study: str, key: str, data: bytes) -> None:

@@ -200,20 +200,3 @@ class MappedSplit:
             return tuple(leaves), target
         return dict(zip(self.layout.keys, leaves, strict=True)), target
 
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """Move a batch's inputs (Tensor, tuple or dict) to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=True)
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return tuple(v.to(device, non_blocking=True) for v in inputs)
-
-
-def shapes_of(inputs: Any) -> str:
-    """``Tensor[2, 1, 8, 8]`` / ``(Tensor[..], ..)`` / ``{'ids': Tensor[..]}`` for messages."""
-    if isinstance(inputs, torch.Tensor):
-        return f"Tensor{list(inputs.shape)}"
-    if isinstance(inputs, Mapping):
-        return "{" + ", ".join(f"{k!r}: {shapes_of(v)}" for k, v in inputs.items()) + "}"
-    return "(" + ", ".join(shapes_of(v) for v in inputs) + ")"

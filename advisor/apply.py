@@ -1,5 +1,5 @@
-"""Rebuild an exported recommendation on the user's workload (advisor apply), and help their
-own training loop.
+"""``advisor apply``: rebuild an exported recommendation on the user's workload, and help
+their own training loop.
 
 ``apply`` runs the trial pipeline once more, in this process, with the recorded knobs and
 measurement settings: the baseline (trained with the recorded settings unless the workload
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,10 @@ import torch
 from torch import nn
 
 from advisor import hardware, space
-from advisor import study as core
-from advisor.data import to_device
-from advisor.errors import AdvisorError
+from advisor.errors import AdvisorError, first_line
 from advisor.export import Config
+from advisor.files import CACHE_DIR
+from advisor.knobs import baseline as baseline_knobs
 from advisor.techniques import checkpointing, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
@@ -35,9 +34,12 @@ from advisor.techniques.batching import BatchingConfig, TokenBudgetSampler
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.precision import PrecisionConfig
-from advisor.trial import worker
+from advisor.techniques.schedule import ScheduleConfig
+from advisor.trial import pipeline
+from advisor.trial.cache import StudyCache
+from advisor.trial.process import output_to
 from advisor.trial.spec import Settings, TrialSpec
-from advisor.workload import WorkloadRef, build, call_args
+from advisor.workload import WorkloadRef, build, call_args, to_device
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Applied:
 
 def apply(config: Config, model: str | None = None, data: str | None = None, *,
           steps: int | None = None, output: str | os.PathLike | None = None, device: str = "auto",
-          cache_dir: str = "studies/cache", threads: int | None = None) -> Applied:
+          cache_dir: str = CACHE_DIR, threads: int | None = None) -> Applied:
     """Rebuild ``config`` on the workload ``model`` names (default: the one it was measured on)."""
     recorded = config.provenance.get("workload") or {}
     model = model or recorded.get("model")
@@ -68,39 +70,31 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
     if steps is not None:
         stored["trial_steps"] = steps
     settings = Settings.from_dict(stored) if stored else Settings(latency_batch=workload.batch_size)
-    cache = Path(cache_dir).resolve() / ("apply-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", workload.name or "model"))
-    core.prepare_cache(workload, ref, cache)
-    search = space.build(hw, workload.model, workload.batch_size, core.probe_inputs(cache),
-                         lr=settings.lr, keep=workload.keep, serving=settings.serving_rate > 0,
-                         lengths=core.sample_lengths(workload, cache))
-    knobs = config.knobs.to_dict()
-    search.check_values({k: v for k, v in knobs.items() if k != "lr"})
+    cache = StudyCache.of_apply(cache_dir, workload.name)
+    cache.prepare(workload, ref)
+    search = space.of_workload(hw, workload, cache, settings)
+    knobs = config.knobs
+    search.check_values({k: v for k, v in knobs.to_dict().items() if k != "lr"})
     notes = []
     if config.provenance.get("device") not in (None, hw.device):
         notes.append(f"measured on {config.provenance['device']}, applied on {hw.device}: the "
                      f"figures are not comparable")
 
-    def spec(role: str, number: int, values: dict, train: bool = False) -> TrialSpec:
-        return TrialSpec(role=role, number=number, knobs=values, settings=settings,
-                         cache_dir=str(cache), ref=ref, batch_size=workload.batch_size,
-                         device=hw.device, threads=threads or hw.cores, keep=workload.keep,
-                         lengths=workload.lengths, train_baseline=train)
-
-    weights = cache / worker.BASELINE_FILE
+    spec = TrialSpec.template(workload, ref, cache, settings, hw.device, threads or hw.cores)
     if workload.trained:
-        torch.save(workload.model.state_dict(), weights)
-    baseline_knobs = space.baseline(settings.lr, settings.serving_rate > 0).to_dict()
-    log = worker.log_path(cache, 0).with_name("apply.log")
-    with _compiler_cache(cache), _output_to(log):
-        baseline, _ = worker.measure_trial(spec("baseline", -1, baseline_knobs, not workload.trained),
-                                           _no_phase)
-        result, deploy = worker.measure_trial(spec("trial", 0, knobs), _no_phase)
+        cache.save_baseline(workload.model.state_dict())
+    log = cache.log(0).with_name("apply.log")
+    with _compiler_cache(cache), output_to(log):
+        baseline, _ = pipeline.measure_trial(
+            spec.baseline(baseline_knobs(settings.lr, settings.serving_rate > 0), not workload.trained),
+            _no_phase)
+        result, deploy = pipeline.measure_trial(spec.trial(0, knobs), _no_phase)
     notes.append(f"log: {log}")
     applied = Applied(model=deploy.module, result=result, baseline=baseline, config=config,
                       notes=notes)
     if output is not None:
-        inputs = core.probe_inputs(cache)
-        applied.artifact, applied.artifact_format = save(deploy.module, inputs, Path(output), knobs)
+        applied.artifact, applied.artifact_format = save(deploy.module, cache.probe_inputs(), Path(output),
+                                                         knobs.to_dict())
     return applied
 
 
@@ -109,34 +103,10 @@ def _no_phase(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _output_to(log: Path):
-    """Send this process's stdout and stderr (the compiler's and profiler's chatter, and
-    library warnings) to ``log`` while the pipeline runs, as a trial process does."""
-    import sys
-
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
-@contextlib.contextmanager
-def _compiler_cache(cache: Path):
+def _compiler_cache(cache: StudyCache):
     """Share the compiler cache with studies in the same cache directory."""
     old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.parent / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.compiler_dir)
     try:
         yield
     finally:
@@ -161,7 +131,7 @@ def save(model: nn.Module, inputs, path: Path, knobs: dict) -> tuple[Path, str]:
         torch.export.save(program, path)
         return path, "torch.export program (torch.export.load(path).module())"
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         fallback = path.with_suffix(".pt")
         torch.save({"state_dict": model.state_dict(), "knobs": knobs,
                     "why_not_exported": f"{type(exc).__name__}: {first}"}, fallback)
@@ -214,11 +184,11 @@ def training_setup(config: Config, model: nn.Module, device_type: str | None = N
     """Apply ``config``'s training-side knobs to ``model`` (checkpointing is applied in place)."""
     knobs = config.knobs
     device_type = device_type or next((p.device.type for p in model.parameters()), "cpu")
-    precision_cfg = PrecisionConfig(knobs.precision)
-    wrapped = checkpointing.apply(model, CheckpointConfig(knobs.checkpoint_every))
+    precision_cfg = knobs.config(PrecisionConfig)
+    wrapped = checkpointing.apply(model, knobs.config(CheckpointConfig))
     return TrainingSetup(
-        model=compile_technique.apply(model, CompileConfig(knobs.compile)),
-        accumulation_steps=knobs.accumulation,
+        model=compile_technique.apply(model, knobs.config(CompileConfig)),
+        accumulation_steps=knobs.config(AccumulationConfig).steps,
         scaler=precision.grad_scaler(precision_cfg, device_type),
-        lr=knobs.lr, precision=knobs.precision, device_type=device_type,
-        checkpointed_blocks=wrapped, max_tokens=knobs.max_tokens)
+        lr=knobs.config(ScheduleConfig).lr, precision=precision_cfg.dtype, device_type=device_type,
+        checkpointed_blocks=wrapped, max_tokens=knobs.config(BatchingConfig).max_tokens)

@@ -1,10 +1,13 @@
-"""The trial loop of one ``advisor run``: its workers, the budget, heartbeats.
+"""The trial loop of one ``advisor run``: its workers, the budget, heartbeats, its events.
 
 ``run_trials`` starts one thread per worker :class:`Slot` (a share of this machine's cores,
 or a GPU). Each asks the study for a trial, runs it in a trial process on its slot, and tells
 the study the outcome, until this run's ``--trials`` or the study's ``--study-trials`` are
 spent, or Ctrl-C. Asking and telling happen under one lock; the study-wide budget is also
 checked under the storage's lock, so every worker on every machine sees one count.
+
+What happens is reported to an :class:`Events` object (the terminal's progress display is
+one, ``advisor/report.py``); the loop itself prints nothing.
 """
 
 from __future__ import annotations
@@ -13,33 +16,61 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from advisor import hardware, objectives, space, storage
+from advisor import hardware, objectives, space
+from advisor.constraints import Constraints
 from advisor.errors import AdvisorError
-from advisor.recommend import Constraints
-from advisor.report import Progress, short_result
+from advisor.knobs import Knobs
+from advisor.study import record, storage
+from advisor.study.options import RunOptions
 from advisor.trial.runner import Outcome, TrialRunner
+from advisor.trial.spec import TrialSpec
 
-if TYPE_CHECKING:
-    from advisor.study import RunOptions, RunResult
+
+class Events:
+    """What a run reports as it goes; this base class ignores it all (a silent run)."""
+
+    def baseline_started(self, training: bool) -> None:
+        pass
+
+    def baseline_finished(self, result: dict) -> None:
+        pass
+
+    def trial_started(self, index: int, number: int, knobs: Knobs) -> None:
+        pass
+
+    def tick(self, phase: str, elapsed: float) -> None:
+        """A running trial (or the baseline) is in ``phase``, ``elapsed`` seconds in."""
+
+    def trial_finished(self, number: int, outcome: Outcome, front: int | None) -> None:
+        """``front``: the study's Pareto-front size after a completed trial (None otherwise)."""
+
+
+@dataclass
+class RunResult:
+    study_name: str
+    storage: str
+    baseline: dict
+    completed: int
+    failed: int
+    front: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    # Per trial, where the wall time went: sampler, trial process, storage writes.
+    timings: list[dict] = field(default_factory=list)
+    setup_s: dict = field(default_factory=dict)
+    loop_s: float = 0.0  # wall time of the trial loop (all workers), after the baseline
 
 
 def _store_outcome(trial: optuna.Trial, outcome: Outcome) -> None:
     if outcome.ok:
-        result = dict(outcome.result)
-        trial.set_user_attr("result", result)
+        record.write_result(trial, dict(outcome.result))
     else:
-        trial.set_user_attr("failure", {"reason": outcome.reason, "phase": outcome.phase,
-                                        "log_tail": outcome.log_tail[-4000:],
-                                        "wall_s": outcome.wall_s})
-
+        record.write_failure(trial, outcome.reason, outcome.phase, outcome.log_tail, outcome.wall_s)
 
 
 @dataclass(frozen=True)
@@ -81,9 +112,9 @@ class Loop:
     rdb: optuna.storages.RDBStorage
     search: space.Space
     runner: TrialRunner
-    spec: Callable
+    spec: TrialSpec  # the run's template: each trial's spec is derived from it
     options: RunOptions
-    progress: Progress
+    events: Events
     result: RunResult
     constraints: Constraints
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,7 +151,7 @@ def run_trials(loop: Loop, worker_slots: list[Slot]) -> None:
             finished += 1
 
 
-def _next_trial(loop: Loop) -> tuple[optuna.Trial, space.Knobs, int] | None:
+def _next_trial(loop: Loop) -> tuple[optuna.Trial, Knobs, int] | None:
     """The next trial to run, or None when the budget is spent; under ``loop.lock``."""
     options, study = loop.options, loop.study
     if loop.stop.is_set() or loop.started >= options.trials:
@@ -153,7 +184,7 @@ BUDGET_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialS
 
 
 def _worker(loop: Loop, slot: Slot) -> None:
-    study, result, progress = loop.study, loop.result, loop.progress
+    study, result, events = loop.study, loop.result, loop.events
     while True:
         t0 = time.perf_counter()
         with loop.lock:
@@ -163,11 +194,11 @@ def _worker(loop: Loop, slot: Slot) -> None:
         trial, knobs, i = taken
         t1 = time.perf_counter()
         if slot.of > 1:
-            trial.set_user_attr("worker", slot.to_dict())
-        progress.start(i, f"#{trial.number} {knobs.describe()}")
-        outcome = loop.runner.run(loop.spec("trial", trial.number, knobs, slot=slot),
+            record.write_worker(trial, slot.to_dict())
+        events.trial_started(i, trial.number, knobs)
+        outcome = loop.runner.run(loop.spec.trial(trial.number, knobs, slot.cpus, slot.env),
                                   loop.options.trial_timeout,
-                                  on_tick=_with_heartbeat(loop.rdb, trial, progress.tick), stop=loop.stop)
+                                  on_tick=_with_heartbeat(loop.rdb, trial, events.tick), stop=loop.stop)
         t2 = time.perf_counter()
         if loop.stop.is_set() and not outcome.ok:
             # Ctrl-C reaches the trial process too: whatever it reported, it was interrupted.
@@ -191,10 +222,7 @@ def _worker(loop: Loop, slot: Slot) -> None:
             "ask_s": t1 - t0, "process_s": t2 - t1, "store_s": t3 - t2,
             "phases": (outcome.result or {}).get("phases", {}),
         })
-        if outcome.ok:
-            progress.finish(short_result(outcome.result), front)
-        else:
-            progress.finish("interrupted" if outcome.reason == "interrupted" else f"FAILED: {outcome.reason}")
+        events.trial_finished(trial.number, outcome, front)
 
 
 def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):

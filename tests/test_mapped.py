@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from advisor import data
 from advisor.errors import AdvisorError
+from advisor.trial import mapped
 
 
 class Listed:
@@ -30,14 +30,14 @@ class Listed:
 ])
 def test_batches_equal_the_original_samples(sample, tmp_path):
     items = [sample(i) for i in range(7)]
-    data.materialize(Listed(items), tmp_path / "split", "train")
-    split = data.MappedSplit(tmp_path / "split")
+    mapped.materialize(Listed(items), tmp_path / "split", "train")
+    split = mapped.MappedSplit(tmp_path / "split")
     assert len(split) == 7
     idx = np.array([5, 0, 3])
     inputs, target = split.batch(idx)
     for row, i in enumerate(idx):
-        _, expected = data.flatten(items[i], "x")
-        _, got = data.flatten((_row(inputs, row), target[row]), "x")
+        _, expected = mapped.flatten(items[i], "x")
+        _, got = mapped.flatten((_row(inputs, row), target[row]), "x")
         for e, g in zip(expected, got, strict=True):
             assert g.dtype == e.dtype and torch.equal(g, e), f"sample {i} differs"
 
@@ -51,17 +51,17 @@ def _row(inputs, row):
 
 
 def test_slices_give_writable_tensors(tmp_path):
-    data.materialize(TensorDataset(torch.randn(4, 2), torch.arange(4)), tmp_path / "s", "val")
-    inputs, _ = data.MappedSplit(tmp_path / "s").batch(slice(0, 2))
+    mapped.materialize(TensorDataset(torch.randn(4, 2), torch.arange(4)), tmp_path / "s", "val")
+    inputs, _ = mapped.MappedSplit(tmp_path / "s").batch(slice(0, 2))
     inputs += 1  # would warn (an error in tests) on a read-only memory map
 
 
 def test_fingerprint_follows_the_content(tmp_path):
     x = torch.randn(6, 3)
-    a = data.materialize(TensorDataset(x, torch.arange(6)), tmp_path / "a", "train")
-    b = data.materialize(TensorDataset(x.clone(), torch.arange(6)), tmp_path / "b", "train")
+    a = mapped.materialize(TensorDataset(x, torch.arange(6)), tmp_path / "a", "train")
+    b = mapped.materialize(TensorDataset(x.clone(), torch.arange(6)), tmp_path / "b", "train")
     x[2, 1] += 1
-    c = data.materialize(TensorDataset(x, torch.arange(6)), tmp_path / "c", "train")
+    c = mapped.materialize(TensorDataset(x, torch.arange(6)), tmp_path / "c", "train")
     assert a == b != c
 
 
@@ -75,5 +75,5 @@ def test_fingerprint_follows_the_content(tmp_path):
 ])
 def test_malformed_samples_get_one_clear_error(items, message, tmp_path):
     with pytest.raises(AdvisorError, match=message):
-        data.materialize(Listed(items), tmp_path / "split", "train")
+        mapped.materialize(Listed(items), tmp_path / "split", "train")
     assert not (tmp_path / "split").exists()

@@ -1,0 +1,205 @@
+"""One trial, start to end, in the order of ``compress.py``: load the workload and the
+baseline's weights from the study's cache, prune, fine-tune, quantize, compile, then measure
+latency, serving, accuracy, size, training memory, and profile.
+
+``run`` is what a trial process runs (``process.py``); ``measure_trial`` also hands back the
+deployable model, which ``advisor apply`` keeps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from advisor import serving
+from advisor.errors import AdvisorError
+from advisor.knobs import Knobs
+from advisor.techniques import checkpointing, distillation, precision
+from advisor.techniques import compile as compile_technique
+from advisor.techniques.batcher import BatcherConfig
+from advisor.techniques.checkpointing import CheckpointConfig
+from advisor.techniques.compile import CompileConfig
+from advisor.techniques.distillation import DistillationConfig
+from advisor.techniques.precision import PrecisionConfig
+from advisor.techniques.quantization import QuantizationConfig
+from advisor.trial import compress, measure, profile
+from advisor.trial.mapped import MappedSplit
+from advisor.trial.measure import MIB, MemoryMeter
+from advisor.trial.spec import Settings, TrialSpec
+from advisor.trial.train import Trainer, fine_tune, training_memory
+from advisor.workload import call_model, to_device
+
+
+def run(spec: TrialSpec, phase) -> dict:
+    """Run the trial ``spec`` describes; its JSON-able result."""
+    return measure_trial(spec, phase)[0]
+
+
+def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
+    """The trial's result and its deployable model (``advisor apply`` keeps the model)."""
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.settings.seed)
+    device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+        raise AdvisorError("CUDA was initialized in the trial server before it forked this "
+                           "trial; the trial cannot use the GPU")
+    settings, knobs, cache = spec.settings, spec.knobs, spec.cache
+    model, loss, metric = cache.load_workload(spec.ref)
+    train, val = cache.split("train"), cache.split("val")
+    lengths = cache.lengths(spec.lengths)
+    model.to(device)
+    if spec.role == "baseline" and spec.train_baseline:
+        phase("baseline_train")
+        _train_baseline(model, train, loss, spec, device)
+    else:
+        model.load_state_dict(torch.load(cache.baseline_file, map_location=device, weights_only=True))
+
+    precision_cfg = knobs.config(PrecisionConfig)
+    batch, _ = val.batch(measure.fixed_batches(len(val), settings.latency_batch)[0][0])
+    batch = to_device(batch, device)
+    one, _ = val.batch(slice(0, 1))
+    one = to_device(one, device)
+
+    # The fixed order of trial/compress.py: prune -> fine-tune -> quantize -> compile -> measure.
+    phase("prune")
+    teacher = distillation.teacher(model, knobs.config(DistillationConfig))  # the baseline, before compression
+    student, pruned = compress.student(model, knobs, batch, spec.keep)
+
+    phase("train")
+    wrapped = checkpointing.apply(student, knobs.config(CheckpointConfig))
+    compiled = compile_technique.apply(student, knobs.config(CompileConfig))
+    trainer = Trainer(student, compiled, train, loss, knobs, batch_size=spec.batch_size,
+                      steps=settings.trial_steps, device=device, seed=settings.seed,
+                      teacher=teacher, lengths=lengths)
+    meter = MemoryMeter(device)
+    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
+
+    phase("quantize")
+    began = time.perf_counter()
+    calibration = (calibration_batches(train, settings.latency_batch, device)
+                   if knobs.config(QuantizationConfig).calibrated else [])
+    deploy = compress.deployable(student, knobs, batch, calibration)
+    quantize_s = time.perf_counter() - began
+    autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
+
+    @torch.no_grad()
+    def infer(inputs=batch):
+        with precision.autocast(autocast_on, device.type):
+            return call_model(deploy.run, inputs)
+
+    # Latency first: its first timed call is where a compiled model compiles for inference.
+    phase("latency")
+    latency = measure.time_calls(infer, device, budget_s=settings.latency_seconds)
+    latency_b1 = measure.time_calls(lambda: infer(one), device,
+                                    budget_s=settings.latency_seconds / 2)
+
+    serve = None
+    batcher = knobs.config(BatcherConfig)
+    if settings.serving_rate > 0 and batcher.enabled:
+        phase("serving")
+        serve = measure_serving(infer, val, batcher, settings, device)
+
+    phase("evaluate")
+    accuracy = measure.evaluate(deploy.run, val, metric, batch=settings.latency_batch,
+                                device=device, autocast=precision.autocast(autocast_on, device.type))
+
+    phase("size")
+    artifact = cache.artifact_dir(spec.number)
+    artifact.mkdir(parents=True, exist_ok=True)
+    size = measure.artifact_bytes(deploy.module, artifact / measure.ARTIFACT_NAME)
+    shutil.rmtree(artifact)
+
+    phase("memory")
+    memory = training_memory(trainer, meter)
+
+    phase("profile")
+    compiled.train()
+    train_ops = profile.top_operators(trainer.step, settings.profile_steps, device)
+    infer_ops = profile.top_operators(infer, settings.profile_steps, device)
+
+    compile_s = report.compile_s
+    if deploy.info["compile"] != "none":
+        # The first inference calls at each batch size compiled their graphs.
+        for timing in (latency, latency_b1, *(serve["timings"].values() if serve else ())):
+            compile_s += max(0.0, (timing.first_ms - timing.median_ms) / 1e3)
+    result = {
+        "metrics": {
+            "accuracy": accuracy,
+            # Under a serving load the latency objective is what a request sees: p99.
+            "latency_ms": serve["result"].p99_ms if serve else latency.median_ms,
+            "memory_mib": memory.memory_mib,
+            "size_mib": size / MIB,
+        },
+        "latency": latency.to_dict(),
+        "latency_batch1": latency_b1.to_dict(),
+        **({"serving": {**serve["result"].to_dict(), "rate": settings.serving_rate,
+                        "deadline_ms": settings.serving_deadline_ms,
+                        "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait_ms,
+                        "batch_ms": {str(b): t.to_dict() for b, t in serve["timings"].items()}}}
+           if serve else {}),
+        "train": {
+            "throughput": report.throughput,
+            "step_ms": report.step_ms,
+            "runtime_init_mib": report.runtime_init_mib,
+            "micro_batches": report.micro_batches,
+            "optimizer_steps": report.steps,
+            "final_loss": report.final_loss,
+            "warmup_s": report.warmup_s,
+            **({"tokens_per_s": report.tokens_per_s, "padding_share": report.padding_share}
+               if lengths is not None else {}),
+        },
+        "memory": {"transient_mib": memory.transient_mib, "state_mib": memory.state_mib,
+                   "graph_pool_mib": memory.graph_pool_mib, "steps": memory.steps},
+        "compile_s": compile_s,
+        "size_bytes": size,
+        "compression": {**pruned, **deploy.info, "quantize_s": quantize_s},
+        "checkpointed_blocks": wrapped,
+        "process_peak_mib": meter.process_peak() / MIB,
+        "profile": {"train": train_ops, "inference": infer_ops},
+    }
+    return result, deploy
+
+
+def measure_serving(infer, val: MappedSplit, batcher: BatcherConfig, settings: Settings,
+                    device: torch.device) -> dict:
+    """Request latency under the study's Poisson load: the simulated batcher and server of
+    ``advisor/serving.py``, fed by this model's measured median time at each padded batch size
+    the simulation forms (measured once each, on first use, like the latency objective)."""
+    timings: dict[int, measure.Timing] = {}
+
+    def time_batch(size: int) -> float:
+        inputs, _ = val.batch(np.arange(size) % len(val))
+        inputs = to_device(inputs, device)
+        timings[size] = measure.time_calls(lambda: infer(inputs), device,
+                                           budget_s=settings.latency_seconds / 2)
+        return timings[size].median_ms / 1e3
+
+    padded = serving.ServiceTimes(time_batch)
+    config = batcher.simulated()
+    arrivals = serving.poisson_arrivals(settings.serving_rate, settings.serving_requests, settings.seed)
+    result = serving.simulate(arrivals, lambda n: padded(serving.bucket(n, config.max_batch)), config,
+                              deadline_ms=settings.serving_deadline_ms)
+    return {"result": result, "timings": dict(sorted(timings.items()))}
+
+
+def calibration_batches(train: MappedSplit, batch: int, device: torch.device,
+                        samples: int = 512) -> list:
+    """Inputs to calibrate static quantization: a fixed subset of the training data."""
+    idx = np.random.default_rng(0).permutation(len(train))[:samples]
+    return [to_device(train.batch(idx[i:i + batch])[0], device) for i in range(0, len(idx), batch)]
+
+
+def _train_baseline(model, train: MappedSplit, loss, spec: TrialSpec, device) -> None:
+    """Train the workload's model with the default knobs and save its weights for the study."""
+    settings = spec.settings
+    trainer = Trainer(model, model, train, loss, Knobs(lr=float(settings.lr)), batch_size=spec.batch_size,
+                      steps=settings.baseline_steps, device=device, seed=settings.seed)
+    model.train()
+    for i in range(settings.baseline_steps):
+        trainer.step()
+        if (i + 1) % 50 == 0:
+            trainer.take_loss(50)
+    spec.cache.save_baseline(model.state_dict())
