@@ -253,6 +253,7 @@ def cell(knob: Knob, knobs: Knobs) -> str:
 
 def baseline(lr: float, serving: bool = False) -> Knobs:
     """The reference every trial is compared with: fp32 eager, nothing applied; under a
-    serving load, a server that runs each request alone (no dynamic batching)."""
-    return Knobs(lr=lr, serving_max_batch=1 if serving else 0)
+    serving load, a server that runs each request alone (no dynamic batching). ``lr`` may be
+    an integer (``advisor.run(lr=1)``): settings take any number."""
+    return Knobs(lr=float(lr), serving_max_batch=1 if serving else 0)
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from advisor import hardware, space
+from advisor import hardware, knobs, space
 from advisor.errors import AdvisorError
 from advisor.space import Knobs
+from advisor.trial.spec import Settings
 from workloads import MLP
 
 
@@ -118,3 +119,12 @@ def test_knobs_to_try_are_checked_against_the_space():
         s.check_values({"quantization": "float8"})
     with pytest.raises(AdvisorError, match=r"lr must be between 0\.0001 and 0\.003"):
         s.check_values({"lr": 1.0})
+
+
+def test_an_integer_learning_rate_gives_a_baseline():
+    # Settings take any number (advisor.run(lr=1)); the baseline's knobs once refused an int.
+    settings = Settings(lr=1)
+    base = knobs.baseline(settings.lr)
+    assert base.lr == 1.0 and isinstance(base.lr, float)
+    s = build(CPU_NO_BF16, MLP(), 16, lr=settings.lr)
+    assert s.lr == (0.1, 3)
