@@ -116,7 +116,7 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
         out.append("")
         out.append("Failed trials:")
         for t in record.failed:
-            out.append(f"  #{t.number} {t.knobs.describe()} -> {record.failure_reason(t)}")
+            out.append(f"  #{t.number} {t.describe()} -> {record.failure_reason(t)}")
     if record.excluded:
         out.append("")
         out.append("Left out of the search space on this hardware:")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 
+import optuna
+from optuna.distributions import FloatDistribution
+
 from advisor import bench, report
+from test_recommend import FRONT, fixture_study
 
 
 def test_table_aligns_columns():
@@ -44,3 +48,15 @@ def test_overhead_table_renders_the_split():
                         "median_fixed_s": 0.1, "goal_pct": 15.0, "goal_met": True}}
     text = bench.render(data)
     assert "#0" in text and "5.0" in text and "goal < 15%: met" in text
+
+
+def test_a_failed_trial_with_foreign_params_is_listed_not_fatal():
+    # A trial another tool (or a newer advisor) added to the study has params this advisor
+    # does not know: `advisor show` lists them as they are instead of stopping.
+    study = fixture_study(FRONT)
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"pruning": 0.5},
+        distributions={"pruning": FloatDistribution(0.0, 1.0)},
+        user_attrs={"failure": {"reason": "boom", "phase": "train"}}))
+    text = report.study_report(study)
+    assert "#4 pruning=0.5 -> boom" in text
