@@ -36,6 +36,14 @@ class Space:
     excluded: tuple[Exclusion, ...]
     blocks: str
 
+    def __post_init__(self) -> None:
+        # A knob added after the first release and not given is not offered here.
+        missing = [k.name for k in table.table() if k.original and k.name not in self.values]
+        if missing:
+            raise ValueError(f"a space needs values for the knobs {missing}")
+        full = {k.name: tuple(self.values.get(k.name, ())) for k in table.table()}
+        object.__setattr__(self, "values", full)
+
     def __getattr__(self, name: str) -> tuple:
         values = self.__dict__.get("values", {})
         if name in values:

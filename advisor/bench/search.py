@@ -207,8 +207,7 @@ def grid_from(table: dict) -> space.Space:
                 "quantization": tuple(s["quantization"]),
                 "prune_ratio": tuple(table["grid"]["prune_ratio"]),
                 "distill_alpha": tuple(table["grid"]["distill_alpha"]),
-                "distill_temperature": tuple(table["grid"]["distill_temperature"]),
-                "max_tokens": (0,), "serving_max_batch": (), "serving_max_wait_ms": ()},
+                "distill_temperature": tuple(table["grid"]["distill_temperature"])},
         excluded=(), blocks=s["blocks"])
 
 
