@@ -1,7 +1,8 @@
-"""The training-side techniques, one module each: a frozen config and its apply function.
+"""The techniques, one module each: a frozen config and its apply function.
 
 Each module also says which of its values this hardware and model can run well
-(``options``), and why the others are left out; ``advisor.space`` composes them.
+(``options``), and why the others are left out; the knobs table (``advisor/knobs.py``)
+names which config field each knob sets, and ``advisor.space`` asks every row.
 """
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
-"""One trial: an isolated process that fine-tunes the workload under a set of knobs
-(``train``), then measures it (``measure``, ``profile``); ``runner`` starts and watches it.
+"""One trial, isolated: ``cache`` (what the study prepared on this machine: data maps, the
+workload, the baseline's weights, logs) -> ``spec`` (what a trial process is told) ->
+``runner`` (starts and watches the process) -> ``process`` (its entry point) -> ``pipeline``
+(prune, fine-tune with ``train``, quantize and compile through ``compress``, then
+``measure`` and ``profile``).
 """
