@@ -194,3 +194,17 @@ def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
     again = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
                         trials=3, budgets=(1, 3), **FAST)
     assert again["samplers"] == report["samplers"], "a rerun resumes the finished studies"
+
+
+def test_benchmarks_send_a_study_only_the_configurations_this_machine_offers():
+    # A CPU without fast bf16 kernels (like the one this was found on) refuses bf16: the
+    # one-at-a-time and workers benchmarks report it instead of stopping at it.
+    from advisor.bench.offered import split_offered
+    from test_space import CPU_NO_BF16, build
+    from workloads import MLP
+
+    here = build(CPU_NO_BF16, MLP(), 16)
+    runnable, left_out = split_offered([{"precision": "bf16"}, {"accumulation": 2},
+                                        {"compile": "max-autotune"}], here)
+    assert runnable == [{"accumulation": 2}, {"compile": "max-autotune-no-cudagraphs"}]
+    assert [(c, "no fast bf16 kernels" in why) for c, why in left_out] == [({"precision": "bf16"}, True)]

@@ -7,16 +7,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from advisor import hardware, space
+from advisor.bench.offered import split_offered, workload_space
 from advisor.bench.progress import Progress, silent
-from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
 from advisor.study import RunOptions, load, run
 from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
-from advisor.trial.cache import StudyCache
-from advisor.trial.spec import Settings
-from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
 
 COMMON = (
     {"precision": "bf16"},
@@ -42,47 +38,34 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
     hardware does not offer is reported with the space's reason (``max-autotune`` falls back
     to its ``-no-cudagraphs`` variant on CPU). ``settings`` are measurement settings.
     """
-    hw = hardware.detect(device)
-    workload = build(WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd())))
     lr = settings.get("lr") or DEFAULT_LR
     with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
         root = Path(study_dir or tmp)
-        ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
-        cache = StudyCache(root / "cache" / "knobs")
-        cache.prepare(workload, ref)
-        search = space.of_workload(hw, workload, cache, Settings(lr=lr))
-        runnable, skipped = [], []
-        for config in (configs if configs is not None else COMMON):
-            config = dict(config)
-            if config.get("compile") == "max-autotune" and "max-autotune" not in search.compile:
-                config["compile"] = "max-autotune-no-cudagraphs"
-            try:
-                search.check_values(config)
-            except AdvisorError as exc:
-                skipped.append({"config": _label(config), "ok": False, "reason": f"not offered: {exc}"})
-                continue
-            runnable.append(config)
+        hw, workload, search = workload_space(model, device, root / "cache" / "knobs", lr)
+        runnable, left_out = split_offered(configs if configs is not None else COMMON, search)
+        skipped = [{"config": label(config), "ok": False, "reason": f"not offered: {why}"}
+                   for config, why in left_out]
         base = Knobs(lr=lr).to_dict()
         url = f"sqlite:///{root / 'knobs.db'}"
         full = [{**base, **c} for c in runnable]
         options = RunOptions(model=model, device=device, trials=len(full), enqueue=full,
-                                  storage=url, cache_dir=str(root / "cache"), study="knobs",
-                                  sampler="random", seed=0, **settings)
+                             storage=url, cache_dir=str(root / "cache"), study="knobs",
+                             sampler="random", seed=0, **settings)
         run(options, progress(len(full)))
         record = load("knobs", url)
         baseline = record.baseline
         rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True)]
         for t, config in zip(record.trials, runnable, strict=True):
-            label = _label(config)
+            name = label(config)
             if t.result is not None:
-                rows.append(_knob_row(label, t.result, baseline, ok=True))
+                rows.append(_knob_row(name, t.result, baseline, ok=True))
             else:
-                rows.append({"config": label, "ok": False, "reason": t.failure.get("reason", t.state)})
+                rows.append({"config": name, "ok": False, "reason": t.failure.get("reason", t.state)})
     return {"hardware": hw.to_dict(), "workload": workload.name, "settings": record.settings,
             "rows": rows + skipped}
 
 
-def _label(config: dict) -> str:
+def label(config: dict) -> str:
     """``prune=structured:0.5 + quantization=int8-static + kd=T4/a0.7``: the knobs changed."""
     parts = []
     for name, value in config.items():

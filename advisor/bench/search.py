@@ -31,8 +31,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from advisor import hardware, objectives, space
-from advisor.bench.knobs import COMMON
+from advisor import objectives, space
+from advisor.bench.knobs import COMMON, label
+from advisor.bench.offered import split_offered, workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
@@ -40,9 +41,6 @@ from advisor.study import SAMPLERS, RunOptions, StudyRecord, load, run
 from advisor.study.options import make_sampler
 from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
-from advisor.trial.cache import StudyCache
-from advisor.trial.spec import Settings
-from advisor.workload import DEFAULT_MODEL, WorkloadRef, build
 
 BUDGETS = (10, 20, 30, 50, 100)
 # Reference point in baseline-normalized, all-minimized objectives (accuracy negated).
@@ -97,13 +95,8 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
     """
     root = Path(study_dir)
     root.mkdir(parents=True, exist_ok=True)
-    ref = WorkloadRef(model=model or DEFAULT_MODEL, data=None, cwd=str(Path.cwd()))
-    workload = build(ref)
-    hw = hardware.detect(device)
     lr = settings.get("lr") or DEFAULT_LR
-    cache = StudyCache(root / "cache" / "grid")
-    cache.prepare(workload, ref)
-    full = space.of_workload(hw, workload, cache, Settings(lr=lr))
+    hw, workload, full = workload_space(model, device, root / "cache" / "grid", lr)
     values = grid or GRID
     grid = grid_space(full, lr, values)
     configs = [k.to_dict() for k in grid.grid()]
@@ -327,14 +320,12 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
             tails.append([r["values"] if r["ok"] else None for r in rows])
             trial_s += sum(r["seconds"] for r in rows)
         runs[name] = {"seeds": seeds, "curves": curves, "values": tails}
-    hw = hardware.detect(device)
     # Whole configurations: the baseline's knobs with one technique changed (a partial one
-    # would let the sampler fill the rest at random).
-    base = Knobs(lr=settings.get("lr") or DEFAULT_LR).to_dict()
-    configs = [{**base, **c} for c in COMMON]
-    for c in configs:
-        if c.get("compile") == "max-autotune" and hw.device != "cuda":
-            c["compile"] = "max-autotune-no-cudagraphs"  # as advisor bench knobs does on CPU
+    # would let the sampler fill the rest at random), as far as this machine offers them.
+    lr = settings.get("lr") or DEFAULT_LR
+    _, _, search = workload_space(model, device, root / "cache" / "offered", lr)
+    offered, left_out = split_offered(COMMON, search)
+    configs = [{**Knobs(lr=lr).to_dict(), **c} for c in offered]
     oat = _live_study(model, device, url, root, "live-one-at-a-time", len(configs), progress,
                       sampler="random", seed=0, enqueue=configs, **settings)
     oat_rows, oat_base = _trial_rows(oat)
@@ -355,8 +346,12 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
         "reference": SEARCH_REFERENCE, "budgets": [b for b in budgets if b <= trials], "steps": list(steps),
         "samplers": {name: {"seeds": r["seeds"], "hypervolume": {str(b): summary[name][b] for b in steps}}
                      for name, r in runs.items()},
+        # "failed": the recipe's configurations that gave no measurement: failed trials, and
+        # those this machine does not offer ("not_offered", with the space's reason).
         "one_at_a_time": {"trials": len(oat_values), "hypervolume": hypervolume(
-            [signed_ratios(v, oat_base) for v in oat_values]), "failed": sum(not r["ok"] for r in oat_rows)},
+            [signed_ratios(v, oat_base) for v in oat_values]),
+            "failed": sum(not r["ok"] for r in oat_rows) + len(left_out),
+            "not_offered": [{"config": label(c), "reason": why} for c, why in left_out]},
         "tpe_dominates_one_at_a_time": {"of": len(oat_ok), "escaped_per_seed": dominated},
         "trials_s": trial_s,  # the trials' own durations, over every run that made them
     }
@@ -434,6 +429,8 @@ def _render_live(report: dict) -> str:
         f"memory, size {ref['latency_ms']:g}x",
         table(cols, _hv_rows(report), right=set(range(1, len(cols)))),
     ]
+    for skipped in report["one_at_a_time"].get("not_offered", []):
+        lines.append(f"one-at-a-time configuration not offered here: {skipped['config']} ({skipped['reason']})")
     dom = report["tpe_dominates_one_at_a_time"]
     for b, escaped in dom["escaped_per_seed"].items():
         shares = ", ".join(f"{dom['of'] - len(e)}/{dom['of']}" for e in escaped)

@@ -7,9 +7,12 @@ import tempfile
 from pathlib import Path
 
 from advisor import hardware
+from advisor.bench.knobs import label
+from advisor.bench.offered import split_offered, workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.knobs import Knobs
 from advisor.study import RunOptions, run
+from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
 
 # The same work for every worker count: plain and compressed trials of the default workload.
@@ -25,16 +28,21 @@ def workers(trials: int = 8, counts: tuple[int, ...] = (1, 2), progress: Progres
     """Trials per hour of the default workload with 1 and 2 local workers, doing the same
     trials (``WORKER_CONFIGS``, eager, so no run pays a compiler the other does not), and the
     share of the workers' time spent waiting on the storage (asking and telling, including
-    the wait for the lock that serializes them)."""
-    base = Knobs().to_dict()
-    configs = [{**base, **WORKER_CONFIGS[i % len(WORKER_CONFIGS)]} for i in range(trials)]
+    the wait for the lock that serializes them). Configurations this machine does not offer
+    (bf16 on a CPU without fast bf16 kernels) are left out, and named in the report."""
+    with tempfile.TemporaryDirectory(prefix="advisor-workers-") as tmp:
+        lr = settings.get("lr") or DEFAULT_LR
+        _, _, search = workload_space(None, "auto", Path(tmp) / "cache", lr)
+    offered, left_out = split_offered(WORKER_CONFIGS, search)
+    base = Knobs(lr=lr).to_dict()
+    configs = [{**base, **offered[i % len(offered)]} for i in range(trials)]
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory(prefix="advisor-workers-") as tmp:
             root = Path(tmp)
             options = RunOptions(trials=trials, workers=n, enqueue=configs, sampler="random", seed=0,
-                                      storage=f"sqlite:///{root / 'workers.db'}",
-                                      cache_dir=str(root / "cache"), study="workers", **settings)
+                                 storage=f"sqlite:///{root / 'workers.db'}",
+                                 cache_dir=str(root / "cache"), study="workers", **settings)
             result = run(options, progress(trials))
         busy = sum(t["ask_s"] + t["process_s"] + t["store_s"] for t in result.timings)
         waiting = sum(t["ask_s"] + t["store_s"] for t in result.timings)
@@ -47,7 +55,8 @@ def workers(trials: int = 8, counts: tuple[int, ...] = (1, 2), progress: Progres
     first = rows[0]["trials_per_hour"]
     for r in rows:
         r["speedup"] = r["trials_per_hour"] / first
-    return {"hardware": hardware.detect("auto").to_dict(), "rows": rows}
+    return {"hardware": hardware.detect("auto").to_dict(), "rows": rows,
+            "not_offered": [{"config": label(c), "reason": why} for c, why in left_out]}
 
 
 def render_workers(report: dict) -> str:
@@ -59,4 +68,6 @@ def render_workers(report: dict) -> str:
     hw = report["hardware"]
     head = (f"Local workers on {hw['device']} ({hw['name']}, {hw['cores']} cores), default workload, "
             f"the same eager trials per run; each worker on its own cores")
-    return head + "\n" + table(cols, rows, right=set(range(8)))
+    left_out = [f"\nleft out, not offered here: {x['config']} ({x['reason']})"
+                for x in report.get("not_offered", [])]
+    return head + "\n" + table(cols, rows, right=set(range(8))) + "".join(left_out)
