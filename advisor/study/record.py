@@ -11,6 +11,7 @@ for whoever shows or uses it.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -73,6 +74,14 @@ class Front:
         return "front" if any(t.number == trial.number for t in self.front) else "dominated"
 
 
+def _retried_from(trial: FrozenTrial) -> int | None:
+    """The trial whose knobs ``trial`` retries after its worker died (Optuna's heartbeat
+    retry; an experimental Optuna API, whose warning is not the user's business)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
 @dataclass(frozen=True)
 class StudyRecord:
     name: str
@@ -93,12 +102,11 @@ class StudyRecord:
             return study
         attrs = study.user_attrs
         frozen = tuple(study.get_trials(deepcopy=False))
-        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
         trials = tuple(
             TrialRecord(number=t.number, state=t.state.name.lower(), params=dict(t.params),
                         result=t.user_attrs.get("result") if t.state == TrialState.COMPLETE else None,
                         failure=dict(t.user_attrs.get("failure", {})), completed_at=t.datetime_complete,
-                        retried_from=retried(t), seconds=t.duration.total_seconds() if t.duration else 0.0)
+                        retried_from=_retried_from(t), seconds=t.duration.total_seconds() if t.duration else 0.0)
             for t in frozen)
         return cls(name=study.study_name, directions=tuple(d.name.lower() for d in study.directions),
                    trials=trials, baseline=attrs.get("baseline"), settings=dict(attrs.get("settings", {})),
