@@ -130,7 +130,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("serving_max_batch", BatcherConfig, "max_batch", int, 0,
          lambda p: (batcher.options(p.serving)[0], []), original=False,
          needs=_SERVING_ONLY, column="serve",
-         cell=lambda k: k.config(BatcherConfig).label().replace("/", " ") if k.serving_max_batch else "off",
+         cell=lambda k: k.config(BatcherConfig).label().replace("/", " "),
          text=lambda k: f"serve={k.config(BatcherConfig).label()}" if k.serving_max_batch else ""),
     Knob("serving_max_wait_ms", BatcherConfig, "max_wait_ms", float, 0.0,
          lambda p: (batcher.options(p.serving)[1], []), original=False,

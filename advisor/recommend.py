@@ -20,11 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.trial import TrialState
 
 from advisor.constraints import Constraints, Miss
 from advisor.errors import AdvisorError
 from advisor.objectives import OBJECTIVES, cost_ratios, oriented, pareto
-from advisor.study.record import StudyRecord, TrialRecord
+from advisor.study.record import Front, StudyRecord, TrialRecord
 
 GOALS = ("balanced", "accuracy", "latency", "memory", "size")
 _GOAL_OBJECTIVE = {"accuracy": "accuracy", "latency": "latency_ms", "memory": "memory_mib",
@@ -85,21 +86,20 @@ def _shortfall(candidate: TrialRecord, baseline: dict, constraints: Constraints)
 
 
 def choose(items: list[TrialRecord], baseline: dict, constraints: Constraints, goal: str,
-           meeting: list[TrialRecord] | None = None) -> tuple[TrialRecord, bool, str]:
-    """The recommended trial, whether it is feasible, and why it was chosen; ``meeting``
-    (the ``items`` that meet ``constraints``) when the caller has judged them already."""
+           judged: Front | None = None) -> tuple[TrialRecord, bool, str]:
+    """The recommended trial, whether it is feasible, and why it was chosen; ``judged`` (the
+    ``items`` that meet ``constraints``, and their front) when the caller has it already."""
     if goal not in GOALS:
         raise AdvisorError(f"--goal must be one of {', '.join(GOALS)}; got {goal!r}")
     if not items:
         raise AdvisorError("no completed trial to recommend from")
-    if meeting is None:
-        meeting = [c for c in items if not constraints.misses(c.metrics, baseline)]
+    meeting = judged.feasible if judged else [c for c in items if not constraints.misses(c.metrics, baseline)]
     if not meeting:
         nearest = min(items, key=lambda c: (_shortfall(c, baseline, constraints), oriented(c.metrics)))
         return nearest, False, (f"no trial meets the constraints; #{nearest.number} is the nearest "
                                 f"to meeting them")
     if goal == "balanced":
-        front = pareto(meeting)
+        front = judged.front if judged else pareto(meeting)
         chosen, distance = knee(front, baseline)
         return chosen, True, (f"the knee of the {len(front)}-point front of {len(meeting)} feasible "
                               f"trials: nearest the ideal point (distance {distance:.2f} in "
@@ -116,10 +116,13 @@ def importance(study: optuna.Study | StudyRecord, top: int = 3) -> dict[str, lis
     Maximized objectives are negated first: Optuna's evaluators take low values as good.
     Knobs not sampled in every trial (the conditional ones) are left out by Optuna.
     """
-    record = StudyRecord.of(study)
-    if len([t for t in record.trials if t.state == "complete"]) < 3:
+    if isinstance(study, StudyRecord):
+        completed = sum(t.state == "complete" for t in study.trials)
+    else:
+        completed = len(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]))
+    if completed < 3:
         return {}
-    analysed = study if isinstance(study, optuna.Study) else record.optuna_study()
+    analysed = study.optuna_study() if isinstance(study, StudyRecord) else study
     out = {}
     for i, o in enumerate(OBJECTIVES):
         sign = -1.0 if o.direction == "maximize" else 1.0
@@ -148,7 +151,7 @@ def recommend(study: optuna.Study | StudyRecord, constraints: Constraints | None
     if not items:
         raise AdvisorError(f"study {record.name!r} has no completed trial yet; run "
                            f"advisor run --study {record.name} --trials 12")
-    chosen, met, why = choose(items, baseline, judged.constraints, goal, judged.feasible)
+    chosen, met, why = choose(items, baseline, judged.constraints, goal, judged)
     rec = Recommendation(
         study=record.name, goal=goal, constraints=judged.constraints, number=chosen.number,
         params=chosen.params, metrics=chosen.metrics, baseline=baseline, feasible=met,

@@ -11,6 +11,7 @@ for whoever shows or uses it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -43,7 +44,7 @@ class TrialRecord:
 
     @property
     def metrics(self) -> dict:
-        return dict(self.result["metrics"]) if self.result else {}
+        return self.result["metrics"] if self.result else {}
 
     @property
     def knobs(self) -> Knobs:
@@ -65,21 +66,18 @@ class Front:
     feasible: list[TrialRecord]
     front: list[TrialRecord]  # most accurate first
 
+    @functools.cached_property
+    def _numbers(self) -> tuple[set[int], set[int]]:
+        return {t.number for t in self.feasible}, {t.number for t in self.front}
+
     def status(self, trial: TrialRecord) -> str:
         """"front", "dominated", "infeasible" or "failed" (anything not completed)."""
+        feasible, front = self._numbers
         if trial.result is None:
             return "failed"
-        if all(t.number != trial.number for t in self.feasible):
+        if trial.number not in feasible:
             return "infeasible"
-        return "front" if any(t.number == trial.number for t in self.front) else "dominated"
-
-
-def _retried_from(trial: FrozenTrial) -> int | None:
-    """The trial whose knobs ``trial`` retries after its worker died (Optuna's heartbeat
-    retry; an experimental Optuna API, whose warning is not the user's business)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        return "front" if trial.number in front else "dominated"
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,7 @@ class StudyRecord:
     workload: dict
     space: dict
     frozen: tuple[FrozenTrial, ...] = field(default=(), repr=False)  # for Optuna's importance
+    _fronts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, study: optuna.Study | StudyRecord) -> StudyRecord:
@@ -102,12 +101,16 @@ class StudyRecord:
             return study
         attrs = study.user_attrs
         frozen = tuple(study.get_trials(deepcopy=False))
-        trials = tuple(
-            TrialRecord(number=t.number, state=t.state.name.lower(), params=dict(t.params),
-                        result=t.user_attrs.get("result") if t.state == TrialState.COMPLETE else None,
-                        failure=dict(t.user_attrs.get("failure", {})), completed_at=t.datetime_complete,
-                        retried_from=_retried_from(t), seconds=t.duration.total_seconds() if t.duration else 0.0)
-            for t in frozen)
+        with warnings.catch_warnings():
+            # Optuna's heartbeat retries are an experimental API: its note is not the user's.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+            trials = tuple(
+                TrialRecord(number=t.number, state=t.state.name.lower(), params=dict(t.params),
+                            result=t.user_attrs.get("result") if t.state == TrialState.COMPLETE else None,
+                            failure=dict(t.user_attrs.get("failure", {})), completed_at=t.datetime_complete,
+                            retried_from=retried(t), seconds=t.duration.total_seconds() if t.duration else 0.0)
+                for t in frozen)
         return cls(name=study.study_name, directions=tuple(d.name.lower() for d in study.directions),
                    trials=trials, baseline=attrs.get("baseline"), settings=dict(attrs.get("settings", {})),
                    constraints=Constraints.from_dict(attrs.get("constraints", {})),
@@ -145,11 +148,13 @@ class StudyRecord:
         """The trials meeting ``constraints`` (default: the study's own; all of them before a
         baseline is measured) and their Pareto front, most accurate first."""
         constraints = constraints or self.constraints
-        base = self.baseline_metrics
-        feasible = [t for t in self.completed if base is None or not constraints.misses(t.metrics, base)]
-        front = sorted(objectives.pareto(feasible),
-                       key=lambda t: (-t.metrics["accuracy"], t.metrics["latency_ms"]))
-        return Front(constraints, feasible, front)
+        if constraints not in self._fronts:  # the report, the recommendation and the dashboard share it
+            base = self.baseline_metrics
+            feasible = [t for t in self.completed if base is None or not constraints.misses(t.metrics, base)]
+            front = sorted(objectives.pareto(feasible),
+                           key=lambda t: (-t.metrics["accuracy"], t.metrics["latency_ms"]))
+            self._fronts[constraints] = Front(constraints, feasible, front)
+        return self._fronts[constraints]
 
     def failure_reason(self, trial: TrialRecord) -> str:
         """Why a trial failed: what its process reported, or, for a trial whose worker died,
