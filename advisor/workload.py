@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advisor import adapt
 from advisor.errors import AdvisorError, first_line
 from advisor.files import safe_name
 
@@ -58,6 +59,8 @@ class Workload:
     name: str | None = None
     keep: tuple[str, ...] = ()
     lengths: str | int | None = None
+    target: str | None = None
+    next_token: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ def build(ref: WorkloadRef) -> Workload:
             f"got {_describe(built)}"
         )
     check_fields(workload)
+    adapt.workload(workload)
     if workload.name is None:
         workload.name = default_name(ref.model)
     return workload
@@ -211,6 +215,12 @@ def check_fields(workload: Workload) -> None:
         raise AdvisorError(
             f"Workload.lengths must name the attention-mask input (a dict key, or a tuple "
             f"position) or be None; got {lengths!r}")
+    if workload.target is not None and not (isinstance(workload.target, str) and workload.target):
+        raise AdvisorError(f"Workload.target must name the dict key holding the target (such as "
+                           f"'labels') or be None; got {workload.target!r}")
+    if workload.next_token is not None and not isinstance(workload.next_token, bool):
+        raise AdvisorError(f"Workload.next_token must be True, False or None (detect); "
+                           f"got {workload.next_token!r}")
 
 
 def default_name(model_ref: str) -> str:
@@ -278,21 +288,58 @@ def logits_of(output: Any) -> torch.Tensor:
     )
 
 
-def loss_fn(workload: Workload) -> LossFn:
-    return workload.loss if workload.loss is not None else default_loss
+IGNORE = -100  # a target position without loss (PyTorch's and Hugging Face's convention)
+
+
+class TokenLoss:
+    """Cross entropy over the logits' last dimension, per position, ``-100`` ignored; with
+    ``shift`` the logits at position t are scored against the target at t + 1."""
+
+    def __init__(self, shift: bool = False) -> None:
+        self.shift = shift
+
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(output)
+        if self.shift:
+            logits, target = logits[:, :-1], target[:, 1:]
+        return nn.functional.cross_entropy(logits.float().flatten(0, -2), target.flatten(),
+                                           ignore_index=IGNORE)
+
+
+class Accuracy:
+    """Share of the target positions (``-100`` ignored) where the argmax is right; with
+    ``shift``, position t predicts t + 1. Takes logits, or the argmax ``reduce`` made of them."""
+
+    def __init__(self, shift: bool = False) -> None:
+        self.shift = shift
+
+    @staticmethod
+    def reduce(outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.argmax(-1)
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        predicted = outputs if not outputs.is_floating_point() else outputs.argmax(-1)
+        if self.shift:
+            predicted, targets = predicted[:, :-1], targets[:, 1:]
+        scored = targets != IGNORE
+        total = int(scored.sum())
+        return (predicted.eq(targets) & scored).sum().item() / total if total else 0.0
 
 
 def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(output)
-    return nn.functional.cross_entropy(logits.float().flatten(0, -2), target.flatten())
+    return TokenLoss()(output, target)
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    return (outputs.argmax(-1) == targets).sum().item() / targets.numel()
+    return Accuracy()(outputs, targets)
+
+
+def loss_fn(workload: Workload) -> LossFn:
+    return workload.loss if workload.loss is not None else TokenLoss(bool(workload.next_token))
 
 
 def metric_fn(workload: Workload) -> MetricFn:
-    return accuracy if workload.metric == "accuracy" else workload.metric  # type: ignore[return-value]
+    return Accuracy(bool(workload.next_token)) if workload.metric == "accuracy" else workload.metric  # type: ignore[return-value]
 
 
 def metric_value(metric: MetricFn, outputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -5,11 +5,13 @@ the way a tutorial would try techniques one by one (``one_at_a_time()``).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from advisor.bench.offered import split_offered, workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.knobs import Knobs
+from advisor.space import Space
 from advisor.study import RunOptions, load, run
 from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
@@ -30,11 +32,13 @@ COMMON = (
 
 
 def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: str | None = None,
-                  progress: Progress = silent, configs: list[dict] | None = None,
+                  progress: Progress = silent,
+                  configs: list[dict] | Callable[[Space], list[dict]] | None = None,
                   **settings) -> dict:
     """Baseline, then each technique at its common setting (``COMMON``), with ratios.
 
-    ``configs`` replaces ``COMMON`` (each a partial dict of knob values). A value this
+    ``configs`` replaces ``COMMON`` (each a partial dict of knob values), or makes them from
+    the workload's search space. A value this
     hardware does not offer is reported with the space's reason (``max-autotune`` falls back
     to its ``-no-cudagraphs`` variant on CPU). ``settings`` are measurement settings.
     """
@@ -42,7 +46,8 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
     with tempfile.TemporaryDirectory(prefix="advisor-knobs-") as tmp:
         root = Path(study_dir or tmp)
         hw, workload, search = workload_space(model, device, root / "cache" / "knobs", lr)
-        runnable, left_out = split_offered(configs if configs is not None else COMMON, search)
+        wanted = configs(search) if callable(configs) else configs if configs is not None else COMMON
+        runnable, left_out = split_offered(wanted, search)
         skipped = [{"config": label(config), "ok": False, "reason": f"not offered: {why}"}
                    for config, why in left_out]
         base = Knobs(lr=lr).to_dict()
@@ -62,7 +67,7 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
             else:
                 rows.append({"config": name, "ok": False, "reason": t.failure.get("reason", t.state)})
     return {"hardware": hw.to_dict(), "workload": workload.name, "settings": record.settings,
-            "rows": rows + skipped}
+            "rows": rows + skipped, "excluded": [e.to_dict() for e in search.excluded]}
 
 
 def label(config: dict) -> str:
@@ -95,6 +100,11 @@ def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:
         "size_mib": pair(m["size_mib"], b["size_mib"]),
         "compile_s": result["compile_s"],
         "accuracy": m["accuracy"], "accuracy_delta": m["accuracy"] - b["accuracy"],
+        "parameters": pair(result["compression"]["parameters_after"],
+                           baseline["compression"]["parameters_after"]),
+        "compression": {k: result["compression"].get(k) for k in
+                        ("heads_before", "heads_after", "heads_kept_whole", "quantized_layers",
+                         "quantized_bytes", "sparsity") if result["compression"].get(k) is not None},
     }
 
 

@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from advisor import logs
 from advisor.errors import AdvisorError
+from advisor.files import CACHE_DIR
 from advisor.version import __version__
 
 
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             p.print_help()
             return 2
+        log = Path(getattr(args, "cache_dir", None) or CACHE_DIR).absolute() / "libraries.log"
+        os.environ[logs.ENV] = str(log)  # for the fork server trial processes start from
+        logs.quiet_libraries(log)
         return args.handler(args)
     except AdvisorError as exc:
         print(f"advisor: error: {exc}", file=sys.stderr)

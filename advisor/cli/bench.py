@@ -9,6 +9,7 @@ from pathlib import Path
 from advisor import bench
 from advisor.bench import search
 from advisor.bench import varlen as varlen_bench
+from advisor.bench import zoo as zoo_bench
 from advisor.dashboard import render
 from advisor.errors import AdvisorError
 from advisor.report import Progress
@@ -83,6 +84,43 @@ def register(sub) -> None:
     v.add_argument("--json", default="studies/bench-varlen.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-varlen.json)")
     v.set_defaults(handler=varlen)
+    z = which.add_parser("zoo", help="every technique option on every zoo model (Hugging Face BERT, GPT-2, "
+                         "ViT, T5, Llama-style; a ResNet-style CNN; nn.TransformerEncoder)",
+                         description="For each zoo model: the options its search space offers and leaves "
+                                     "out (with why), and each offered option run alone as a trial "
+                                     "against the model's baseline. Needs transformers.")
+    z.add_argument("--models", default=",".join(zoo_bench.MODELS), metavar="LIST",
+                   help=f"comma-separated, from {', '.join(zoo_bench.MODELS)} (default all)")
+    z.add_argument("--techniques", default=",".join(zoo_bench.TECHNIQUES), metavar="LIST",
+                   help=f"comma-separated knobs, from {', '.join(zoo_bench.TECHNIQUES)} (default all)")
+    z.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    z.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
+    z.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
+    z.add_argument("--trial-timeout", type=float, default=900.0, metavar="SECONDS")
+    z.add_argument("--json", default="studies/bench-zoo.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-zoo.json)")
+    z.set_defaults(handler=zoo)
+
+
+def _names(flag: str, text: str, known) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise AdvisorError(f"{flag} takes comma-separated names from {', '.join(known)}; "
+                           f"got {', '.join(unknown) or repr(text)}")
+    return names
+
+
+def zoo(args: argparse.Namespace) -> int:
+    models = _names("--models", args.models, zoo_bench.MODELS)
+    techniques = tuple(_names("--techniques", args.techniques, zoo_bench.TECHNIQUES))
+    settings = {k: v for k, v in (("trial_steps", args.trial_steps),
+                                  ("latency_seconds", args.latency_seconds)) if v is not None}
+    report = zoo_bench.zoo(models, args.device, techniques=techniques, trial_timeout=args.trial_timeout,
+                           progress=Progress, **settings)
+    print(zoo_bench.render_zoo(report))
+    _write(args.json, report)
+    return 0
 
 
 def _write(path: str, report: dict) -> None:

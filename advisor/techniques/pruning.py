@@ -1,8 +1,10 @@
 """Pruning: structured (channels removed for real), unstructured (zeros), or 2:4 sparsity.
 
-- ``structured``: Torch-Pruning's DepGraph removes the lowest-L1 channels and neurons and
-  everything that depends on them, so parameters, saved size and latency really drop. The
-  output layer and the layers the workload names in ``Workload.keep`` are never pruned.
+- ``structured``: attention modules lose their lowest-L1 heads whole (``heads.py``), then
+  Torch-Pruning's DepGraph removes the lowest-L1 channels and neurons elsewhere (MLP hidden
+  units, convolution channels) and everything that depends on them, so parameters, saved
+  size and latency really drop. A model with attention keeps its width (the residual stream).
+  The output layer and the layers the workload names in ``Workload.keep`` are never pruned.
 - ``unstructured``: global L1 magnitude (``torch.nn.utils.prune``). The zeros stay zeros
   through the fine-tune (the mask is kept until ``finalize``), but a dense tensor of zeros
   is as large and as slow as any other: the saved artifact, and so the size objective,
@@ -26,7 +28,7 @@ from torch.nn.utils import prune as torch_prune
 
 from advisor.errors import AdvisorError, first_line
 from advisor.hardware import Hardware
-from advisor.techniques import Exclusion, unknown
+from advisor.techniques import Exclusion, heads, unknown
 from advisor.workload import Inputs, call_model, logits_of
 
 KNOB = "prune_kind"
@@ -110,8 +112,9 @@ def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[
         ignored = output_layers(model, example) + kept
         with torch.no_grad():
             expected = logits_of(call_model(model, example)).shape
+        details = {}
         if config.kind == "structured":
-            _structured(model, config.ratio, example, ignored)
+            details = _structured(model, config.ratio, example, ignored)
         elif config.kind == "unstructured":
             _unstructured(model, config.ratio, ignored)
         else:
@@ -130,17 +133,29 @@ def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[
         raise PruningFailed(
             f"{config.kind} pruning changed the model's output shape from {tuple(expected)} to "
             f"{tuple(got)}; name the output layers in Workload.keep")
-    return {"parameters_before": before, "parameters_after": count_parameters(model)}
+    return {"parameters_before": before, "parameters_after": count_parameters(model), **details}
 
 
-def _structured(model: nn.Module, ratio: float, example: Inputs, ignored: list[nn.Module]) -> None:
+def _structured(model: nn.Module, ratio: float, example: Inputs, ignored: list[nn.Module]) -> dict:
+    """Whole attention heads first (``heads.py``), then Torch-Pruning's channels everywhere
+    else. Attention projections are left to the first step, and with them the model width
+    (the residual stream every block adds to): the MLPs' hidden channels, convolutions'
+    channels and other layers' outputs are what Torch-Pruning removes."""
     import torch_pruning as tp
 
+    attention = heads.find(model)
+    before = sum(a.heads for a in attention if not a.skipped)
+    removed = sum(heads.prune(a, ratio) for a in attention)
+    whole = [p for a in attention for p in a.projections]
+    whole += [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=ratio, ignored_layers=ignored,
+        pruning_ratio=ratio, ignored_layers=ignored + whole,
         forward_fn=lambda m, x: logits_of(call_model(m, x)))
     pruner.step()
+    skipped = sorted({a.skipped for a in attention if a.skipped})
+    return {"heads_before": before, "heads_after": before - removed,
+            **({"heads_kept_whole": skipped} if skipped else {})}
 
 
 def _targets(model: nn.Module, ignored: list[nn.Module], kinds=_PRUNABLE) -> list[tuple[nn.Module, str]]:

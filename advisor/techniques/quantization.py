@@ -2,14 +2,20 @@
 
 - ``bf16`` / ``fp16``: weights (and the inputs) cast to half precision.
 - ``int8-dynamic`` / ``int8-weight-only`` / ``int4-weight-only`` / ``float8``: torchao's
-  ``quantize_`` configs. They replace ``nn.Linear`` weights only; int4 and float8 have
-  kernels on CUDA only (float8 from compute capability 8.9).
+  ``quantize_`` configs. They replace ``nn.Linear`` weights only (a Linear whose weight is
+  tied to another module's, like an LM head, keeps the one shared tensor rather than be
+  stored twice); int4 and float8 have kernels on CUDA only (float8 from compute capability
+  8.9). The deployable model is compiled, as torchao's quantized tensors are meant to run.
 - ``int8-static``: PT2E (``torchao.quantization.pt2e``) with the x86 inductor quantizer,
   calibrated on batches of training data. It quantizes convolutions too, and is deployed
   through inductor with ``freezing``, the form that runs int8 kernels (its eager q/dq
   reference graph is slower than fp32).
 - ``qat-int8``: the same quantizer's fake quantization is inserted before the fine-tune,
   which then trains through it; the trained graph is converted like ``int8-static``.
+
+Both PT2E modes capture the model with ``techniques/capture.py`` (models whose outputs
+``torch.export`` refuses go through their logits; variable-length batches get a dynamic
+sequence dimension).
 
 ``torch.ao.quantization`` is deprecated, so it is not used. The converted PT2E graph keeps
 the fp32 weights it no longer reads as attributes; ``quantize`` drops them, so the saved
@@ -30,14 +36,14 @@ from torch import nn
 
 from advisor.errors import first_line
 from advisor.hardware import Hardware
-from advisor.techniques import Exclusion, unknown
+from advisor.techniques import Exclusion, capture, unknown
 from advisor.techniques.precision import HALF_DTYPES
-from advisor.workload import Inputs, call_args, call_model
+from advisor.workload import Inputs, call_model
 
 KNOB = "quantization"
 MODES = ("none", "bf16", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "qat-int8",
          "int4-weight-only", "float8")
-_TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
+TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
 _PT2E = ("int8-static", "qat-int8")
 
 
@@ -83,31 +89,24 @@ def check_knobs(values) -> None:
 
 # -- PT2E ---------------------------------------------------------------------------------
 
-def _export(model: nn.Module, example: Inputs) -> nn.Module:
-    """``torch.export`` the model with a dynamic batch dimension, as a GraphModule."""
-    args, kwargs = call_args(example)
-    auto = torch.export.Dim.AUTO
-    dims_args = tuple({0: auto} for _ in args)
-    dims = {k: {0: auto} for k in kwargs} if kwargs else dims_args
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dims).module()
-
-
 def _x86_quantizer(qat: bool):
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     return xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
 
 
-def prepare_qat(model: nn.Module, example: Inputs) -> nn.Module:
-    """The model with fake quantization inserted, to fine-tune in place of ``model``."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
+def prepare_qat(model: nn.Module, example: Inputs, lengths: bool = False) -> nn.Module:
+    """The model with fake quantization inserted, to fine-tune in place of ``model``;
+    ``lengths``: the fine-tune's batches vary in length (a token budget trims them)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     model.train()
-    prepared = prepare_qat_pt2e(_export(model, example), _x86_quantizer(qat=True))
+    captured = capture.export(model, example, lengths)
+    prepared = prepare_qat_pt2e(capture.graph_of(captured), _x86_quantizer(qat=True))
     # .train()/.eval() then switch the traced graph's batch norm and dropout, as the
     # trainer and measurements expect of any module.
-    allow_exported_model_train_eval(prepared)
+    capture.allow_train_eval(prepared)
+    prepared = capture.rewrap(prepared, captured)
     # The first forward sizes the observers' per-channel scales (from one element to one
     # per channel); a graph compiled before that fails its shape guards.
     with torch.no_grad():
@@ -124,26 +123,54 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
         return model
     if mode in HALF_DTYPES:
         return model.to(HALF_DTYPES[mode])
-    if mode in _TORCHAO:
+    if mode in TORCHAO:
         from torchao.quantization import quantize_
 
         if mode in ("int4-weight-only", "float8"):
             model = model.to(torch.bfloat16)
-        quantize_(model, _torchao_config(mode))
+        tied = tied_parameters(model)
+        quantize_(model, _torchao_config(mode),
+                  filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and id(m.weight) not in tied)
         return model
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # qat-int8: prepare_qat traced the model before the fine-tune, which trained it.
-    prepared = model if config.qat else prepare_pt2e(_export(model, example), _x86_quantizer(qat=False))
+    captured = model if config.qat else capture.export(model, example)
+    prepared = capture.graph_of(captured)
+    if not config.qat:
+        prepared = prepare_pt2e(prepared, _x86_quantizer(qat=False))
     move_exported_model_to_eval(prepared)
     if config.calibrated:
         with torch.no_grad():
             for inputs in calibration:
-                call_model(prepared, inputs)
+                call_model(capture.rewrap(prepared, captured), inputs)
     converted = convert_pt2e(prepared)
     drop_unused_tensors(converted)
-    return converted
+    return capture.rewrap(converted, captured)
+
+
+def tied_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters more than one module holds (an LM head tied to the token
+    embedding). torchao would quantize the Linear's side only and the tensor would then be
+    stored twice, so tied layers keep their one shared tensor."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def linear_bytes(model: nn.Module) -> dict[str, int]:
+    """Each ``nn.Linear``'s own tensors as ``torch.save`` stores them, by name (after a
+    torchao mode: the quantized weights with their scales), to show what quantizing saved."""
+    sizes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            buffer = io.BytesIO()
+            torch.save(module.state_dict(), buffer)
+            sizes[name] = buffer.tell()
+    return sizes
 
 
 def _torchao_config(mode: str):
@@ -218,7 +245,7 @@ def _export_failure(model: nn.Module, example: Inputs) -> str:
     logging.disable(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            _export(copy.deepcopy(model).cpu().eval(), example)
+            capture.export(copy.deepcopy(model).cpu().eval(), example)
     except Exception as exc:  # the reason is the library's, reported as a space exclusion
         return f"torch.export cannot capture the model for PT2E: {type(exc).__name__}: {first_line(exc)}"
     finally:

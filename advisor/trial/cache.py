@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from advisor import adapt
 from advisor.errors import AdvisorError
 from advisor.files import flock, safe_name, unique_name
 from advisor.techniques import batching
@@ -86,6 +87,7 @@ class StudyCache:
         fingerprints = {s: mapped.materialize(getattr(workload, s), self.root / "data" / s, s) for s in SPLITS}
         splits = {s: self.split(s) for s in SPLITS}
         check_consumable(workload, splits)
+        _detect_lengths(workload, splits["train"])
         lengths = self.lengths(workload.lengths)  # a bad mask is refused here, before any trial
         self.save_workload(workload)
         return {
@@ -94,6 +96,8 @@ class StudyCache:
             "metric": workload.metric if isinstance(workload.metric, str) else "custom",
             "parameters": sum(p.numel() for p in workload.model.parameters()),
             "train_samples": len(splits["train"]), "fingerprints": fingerprints,
+            **({"target": workload.target} if workload.target else {}),
+            **({"next_token": True} if workload.next_token else {}),
             **({"lengths": {"input": workload.lengths, "width": lengths.width,
                             "mean": float(lengths.tokens.mean()), "max": int(lengths.tokens.max())}}
                if lengths is not None else {}),
@@ -135,6 +139,18 @@ class StudyCache:
         """A few validation inputs, to try pruning and PT2E capture on copies of the model."""
         val = self.split("val")
         return val.batch(np.arange(min(len(val), PROBE_BATCH)))[0]
+
+
+def _detect_lengths(workload: Workload, train: mapped.MappedSplit) -> None:
+    """Dict inputs with a right-padded 0/1 ``attention_mask`` make a workload that names no
+    lengths variable-length; a mask of another form leaves it fixed-size."""
+    if workload.lengths is not None or adapt.MASK_KEY not in train.layout.keys:
+        return
+    try:
+        batching.lengths_from_mask(train.input_leaf(adapt.MASK_KEY))
+    except (ValueError, AdvisorError):
+        return
+    workload.lengths = adapt.MASK_KEY
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from advisor.knobs import Knobs
 from advisor.techniques import checkpointing, pruning, quantization
 from advisor.techniques import compile as compile_technique
+from advisor.techniques.batching import BatchingConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
@@ -39,7 +40,7 @@ def student(model: nn.Module, knobs: Knobs, example: Inputs,
         # inductor cannot freeze into int8 kernels: the zeros are made permanent first
         # (the fine-tune may then move some of them; the result reports the sparsity left).
         pruning.finalize(model, prune_cfg)
-        return quantization.prepare_qat(model, example), info
+        return quantization.prepare_qat(model, example, knobs.config(BatchingConfig).enabled), info
     return model, info
 
 
@@ -76,15 +77,25 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     pruning.finalize(model, prune_cfg)
     sparsity = pruning.sparsity(model) if prune_cfg.kind == "unstructured" else None
     config = knobs.config(QuantizationConfig)
+    layers = quantization.linear_bytes(model) if config.mode in quantization.TORCHAO else {}
     model = quantization.quantize(model, config, example, calibration)
+    if layers:
+        # What the layers torchao quantized store now, against what they stored before.
+        after = quantization.linear_bytes(model)
+        changed = [n for n in layers if n in after and after[n] != layers[n]]
+        layers = {"quantized_layers": len(changed),
+                  "quantized_bytes": [sum(layers[n] for n in changed), sum(after[n] for n in changed)]}
     model.requires_grad_(False)
-    # PT2E int8 runs int8 kernels only once inductor freezes it; the other models are
-    # compiled for inference when the trial's compile knob asks for it.
+    # PT2E int8 runs int8 kernels only once inductor freezes it, and torchao's quantized
+    # tensors run eagerly through Python dispatch (an int8-dynamic BERT measured 18x slower
+    # than fp32 uncompiled): both are deployed compiled, as their libraries say to. The other
+    # models are compiled for inference when the trial's compile knob asks for it.
     compile_mode = knobs.config(CompileConfig).mode
-    mode = compile_mode if compile_mode != "none" else ("default" if config.pt2e else "none")
+    needs_compile = config.pt2e or config.mode in quantization.TORCHAO
+    mode = compile_mode if compile_mode != "none" else ("default" if needs_compile else "none")
     run = compile_technique.deploy(model, mode) if mode != "none" else model
     if config.input_dtype is not None:
         run = CastInputs(run, config.input_dtype)
     info = {"compile": mode, "freezing": mode != "none", "quantization": config.mode,
-            "sparsity": sparsity}
+            "sparsity": sparsity, **layers}
     return Deployable(module=model, run=run, autocast=config.mode == "none", info=info)

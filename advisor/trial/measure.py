@@ -245,10 +245,13 @@ def evaluate(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: in
              device: torch.device, autocast) -> float:
     """The workload's metric over the whole split, computed on ``model``'s outputs."""
     outputs, targets = [], []
+    # A metric that needs only part of the logits (the built-in accuracy: their argmax)
+    # reduces each batch, so a language model's [samples, tokens, vocabulary] is never held.
+    reduce = getattr(metric, "reduce", None) or (lambda out: out.float())
     for idx, real in fixed_batches(len(data), batch):
         inputs, target = data.batch(idx)
         with autocast:
             out = logits_of(call_model(model, to_device(inputs, device)))
-        outputs.append(out[:real].float().cpu())
+        outputs.append(reduce(out[:real]).cpu())
         targets.append(target[:real])
     return metric_value(metric, torch.cat(outputs), torch.cat(targets))

@@ -20,10 +20,15 @@ from pathlib import Path
 import torch
 import tqdm
 
+from advisor import logs
 from advisor.errors import AdvisorError, first_line
 from advisor.trial import measure, pipeline
 from advisor.trial.spec import TrialSpec
 from advisor.trial.train import TrainingDiverged
+
+# Imported first in the fork server, before the workload's modules: what libraries log
+# while those load (torchao's kernel probes) goes to the study's library log.
+logs.quiet_libraries(os.environ.get(logs.ENV) or os.devnull)
 
 
 def main(spec: TrialSpec, conn) -> None:
@@ -39,6 +44,7 @@ def main(spec: TrialSpec, conn) -> None:
     # semaphore that a killed trial would leak (a warning at exit); one process needs a thread lock.
     tqdm.tqdm.set_lock(threading.RLock())
     redirect_output(spec.log)
+    logs.to_stream(sys.stderr)
     clock = _PhaseClock(conn, started)
     try:
         if spec.cpus:
