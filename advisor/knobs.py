@@ -114,7 +114,7 @@ KNOBS: tuple[Knob, ...] = (
          sample="step", when=lambda v: v["prune_kind"] in pruning.RATIO_KINDS,
          limits=(0.0, pruning.MAX_RATIO)),
     Knob("quantization", QuantizationConfig, "mode", str, "none",
-         lambda p: quantization.options(p.hw, p.model, p.example),
+         lambda p: quantization.options(p.hw, p.model, p.example, p.lengths is not None),
          column="quant", text=lambda k: f"quant={k.quantization}"),
     Knob("distill_alpha", DistillationConfig, "alpha", float, 0.0, lambda p: (distillation.ALPHA_RANGE, []),
          sample="step", limits=(0.0, 1.0), column="kd",

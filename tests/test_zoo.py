@@ -152,6 +152,28 @@ def test_qat_graph_takes_batches_trimmed_to_other_lengths():
         assert logits(prepared, trimmed).shape == (8, 4)
 
 
+class FixedLength(torch.nn.Module):
+    """Reads exactly 16 positions: capturable at that length only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(16 * 4, 2)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids).reshape(input_ids.shape[0], 16 * 4))
+
+
+def test_qat_is_left_out_of_a_variable_length_space_when_the_length_is_fixed_in_the_model():
+    x = {"input_ids": torch.randint(0, 10, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    cpu = hardware.detect("cpu")
+    offered, _ = quantization.options(cpu, FixedLength(), x)
+    assert "qat-int8" in offered
+    offered, excluded = quantization.options(cpu, FixedLength(), x, lengths=True)
+    assert "qat-int8" not in offered and "int8-static" in offered
+    reason = next(e.reason for e in excluded if e.value == "qat-int8")
+    assert "dynamic sequence length" in reason
+
+
 # -- Hugging Face batch conventions ------------------------------------------------------------
 
 def test_one_dict_samples_are_split_on_labels_found_unnamed():

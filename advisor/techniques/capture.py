@@ -7,8 +7,9 @@ handles keyword-only wrappers badly) and :class:`Keyed` gives the captured graph
 workload's keyword inputs.
 
 The batch dimension is always dynamic; with ``lengths`` (a token budget trims batches to
-their longest sample) dim 1 of every input of two or more dimensions is too, so a graph
-captured on one sequence length runs on the others.
+their longest sample) dim 1 of every input of two or more dimensions must be too, so a graph
+captured on one sequence length runs on the others, and a model that fixes its length fails
+to capture (the search space's probe then says why), not on a trial's third batch.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def export(model: nn.Module, example: Inputs, lengths: bool = False) -> nn.Modul
     auto = torch.export.Dim.AUTO
 
     def dims(value: torch.Tensor) -> dict:
-        return {0: auto, 1: auto} if lengths and value.dim() >= 2 else {0: auto}
+        return {0: auto, 1: torch.export.Dim.DYNAMIC} if lengths and value.dim() >= 2 else {0: auto}
 
     try:
         shapes = {k: dims(v) for k, v in kwargs.items()} if kwargs else tuple(dims(a) for a in args)

@@ -201,8 +201,10 @@ def drop_unused_tensors(graph_module: nn.Module) -> list[str]:
 
 # -- availability -------------------------------------------------------------------------
 
-def options(hw: Hardware, model: nn.Module, example: Inputs) -> tuple[list[str], list[Exclusion]]:
-    """Modes this device and model can run, and why the others are left out."""
+def options(hw: Hardware, model: nn.Module, example: Inputs,
+            lengths: bool = False) -> tuple[list[str], list[Exclusion]]:
+    """Modes this device and model can run, and why the others are left out; ``lengths``:
+    the workload is variable-length, so QAT's captured graph must take other lengths too."""
     offered, excluded = ["none"], []
 
     def take(mode: str, reason: str) -> None:
@@ -227,7 +229,7 @@ def options(hw: Hardware, model: nn.Module, example: Inputs) -> tuple[list[str],
     else:
         reason = _export_failure(model, example)
         take("int8-static", reason)
-        take("qat-int8", reason)
+        take("qat-int8", reason or (_export_failure(model, example, lengths=True) if lengths else ""))
     wide = [m for m in linears if m.in_features % 128 == 0]
     take("int4-weight-only",
          "needs CUDA" if not cuda else
@@ -239,15 +241,17 @@ def options(hw: Hardware, model: nn.Module, example: Inputs) -> tuple[list[str],
     return offered, excluded
 
 
-def _export_failure(model: nn.Module, example: Inputs) -> str:
-    """Why PT2E cannot capture ``model`` ("" when ``torch.export`` can), on a CPU copy."""
+def _export_failure(model: nn.Module, example: Inputs, lengths: bool = False) -> str:
+    """Why PT2E cannot capture ``model`` ("" when ``torch.export`` can), on a CPU copy;
+    with ``lengths``, with a dynamic sequence dimension."""
     # torch logs and prints the graph it failed on; the one-line reason is what is kept.
     logging.disable(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            capture.export(copy.deepcopy(model).cpu().eval(), example)
+            capture.export(copy.deepcopy(model).cpu().eval(), example, lengths)
     except Exception as exc:  # the reason is the library's, reported as a space exclusion
-        return f"torch.export cannot capture the model for PT2E: {type(exc).__name__}: {first_line(exc)}"
+        what = "with a dynamic sequence length " if lengths else ""
+        return f"torch.export cannot capture the model {what}for PT2E: {type(exc).__name__}: {first_line(exc)}"
     finally:
         logging.disable(logging.NOTSET)
     return ""
