@@ -131,6 +131,33 @@ def _saved(model, path) -> int:
     return path.stat().st_size
 
 
+def test_multihead_attention_keeps_its_output_projection_under_torchao():
+    w = built("encoder")
+    inputs, _ = batch(w)
+    quantized = quantization.quantize(w.model, QuantizationConfig("int8-dynamic"), inputs)
+    assert logits(quantized, inputs).shape == (8, 4)
+    assert type(quantized.encoder.layers[0].linear1.weight) is not torch.nn.Parameter  # quantized
+    assert type(quantized.encoder.layers[0].self_attn.out_proj.weight) is torch.nn.Parameter  # left whole
+
+
+class ReadsItsWeight(torch.nn.Module):
+    """Uses a Linear's weight outside the Linear's forward: torchao's tensors do not support it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x @ self.inner.weight.t()
+
+
+def test_a_torchao_mode_that_fails_on_the_model_is_left_out_with_the_reason():
+    offered, excluded = quantization.options(hardware.detect("cpu"), ReadsItsWeight(), torch.randn(4, 8))
+    assert "int8-dynamic" not in offered
+    reason = next(e.reason for e in excluded if e.value == "int8-dynamic")
+    assert reason.startswith("torchao's int8-dynamic fails on the model: NotImplementedError")
+
+
 # -- export-friendly capture -------------------------------------------------------------------
 
 def test_a_model_returning_a_cache_is_captured_through_its_logits():
@@ -250,9 +277,9 @@ def test_library_load_messages_go_to_a_log_not_the_terminal(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo_bench.MODELS)
-def test_every_offered_option_runs_as_a_trial(name, tmp_path):
-    report = zoo_bench.zoo([name], "cpu", study_dir=str(tmp_path), trial_steps=4,
-                           baseline_steps=20, latency_seconds=0.05)
+def test_every_offered_compression_option_runs_as_a_trial(name, tmp_path):
+    report = zoo_bench.zoo([name], "cpu", study_dir=str(tmp_path), techniques=("prune_kind", "quantization"),
+                           trial_steps=4, baseline_steps=20, latency_seconds=0.05)
     rows = report["models"][0]["rows"]
     failed = [(r["config"], r["reason"]) for r in rows if not r["ok"]]
     assert not failed, failed

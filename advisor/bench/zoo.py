@@ -49,6 +49,8 @@ def zoo(models: list[str], device: str = "auto", *, study_dir: str | None = None
     """The zoo table's report: per model, its baseline, one row per option, its exclusions."""
     out = []
     for name in models:
+        if study_dir:
+            (Path(study_dir) / name).mkdir(parents=True, exist_ok=True)
         report = one_at_a_time(REF.format(name), device,
                                study_dir=str(Path(study_dir) / name) if study_dir else None,
                                progress=progress, configs=lambda s: options(s, techniques), **settings)

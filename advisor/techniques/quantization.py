@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from advisor.errors import first_line
 from advisor.hardware import Hardware
@@ -129,8 +130,7 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
         if mode in ("int4-weight-only", "float8"):
             model = model.to(torch.bfloat16)
         tied = tied_parameters(model)
-        quantize_(model, _torchao_config(mode),
-                  filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and id(m.weight) not in tied)
+        quantize_(model, _torchao_config(mode), filter_fn=lambda m, _fqn: _quantizable(m, tied))
         return model
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -148,6 +148,14 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
     converted = convert_pt2e(prepared)
     drop_unused_tensors(converted)
     return capture.rewrap(converted, captured)
+
+
+def _quantizable(module: nn.Module, tied: set[int]) -> bool:
+    """A Linear torchao may replace: not tied to another module, and not the output
+    projection of ``nn.MultiheadAttention`` (a ``NonDynamicallyQuantizableLinear``, whose
+    weight the attention kernel reads directly)."""
+    return isinstance(module, nn.Linear) and id(module.weight) not in tied and \
+        not isinstance(module, NonDynamicallyQuantizableLinear)
 
 
 def tied_parameters(model: nn.Module) -> set[int]:
@@ -219,8 +227,8 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
     no_linear = "torchao's configs quantize nn.Linear layers only; the model has none" if not linears else ""
     take("bf16", "" if hw.bf16 else f"{hw.device} has no fast bf16 kernels")
     take("fp16", "" if hw.fp16_fast else f"{hw.device} has no fast fp16 kernels (10-30x slower than fp32)")
-    take("int8-dynamic", no_linear)
-    take("int8-weight-only", no_linear)
+    for mode in ("int8-dynamic", "int8-weight-only"):
+        take(mode, no_linear or _torchao_failure(model, example, mode))
     if cuda:
         reason = ("PT2E int8 targets the x86 inductor backend (CPU); on CUDA use "
                   "int8-dynamic, int4-weight-only or float8")
@@ -239,6 +247,16 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
          f"needs compute capability 8.9+; this GPU has {capability[0]}.{capability[1]}"
          if capability < (8, 9) else no_linear)
     return offered, excluded
+
+
+def _torchao_failure(model: nn.Module, example: Inputs, mode: str) -> str:
+    """Why ``mode`` cannot run ``model`` ("" when a quantized CPU copy runs the example)."""
+    try:
+        with torch.no_grad():
+            call_model(quantize(copy.deepcopy(model).cpu(), QuantizationConfig(mode), example), example)
+    except Exception as exc:  # the reason is the library's, reported as a space exclusion
+        return f"torchao's {mode} fails on the model: {type(exc).__name__}: {first_line(exc)}"
+    return ""
 
 
 def _export_failure(model: nn.Module, example: Inputs, lengths: bool = False) -> str:
