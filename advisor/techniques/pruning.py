@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import prune as torch_prune
 
 from advisor.errors import AdvisorError, first_line
@@ -159,8 +160,12 @@ def _structured(model: nn.Module, ratio: float, example: Inputs, ignored: list[n
 
 
 def _targets(model: nn.Module, ignored: list[nn.Module], kinds=_PRUNABLE) -> list[tuple[nn.Module, str]]:
+    """The weights masks may go on. ``nn.MultiheadAttention``'s output projection is left
+    out: the attention reads its weight directly, never through the Linear's forward, where
+    the mask is applied, so a masked weight would be one tensor reused across steps."""
     skip = {id(m) for m in ignored}
-    return [(m, "weight") for m in model.modules() if isinstance(m, kinds) and id(m) not in skip]
+    return [(m, "weight") for m in model.modules() if isinstance(m, kinds) and id(m) not in skip
+            and not isinstance(m, NonDynamicallyQuantizableLinear)]
 
 
 def _unstructured(model: nn.Module, ratio: float, ignored: list[nn.Module]) -> None:
