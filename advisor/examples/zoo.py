@@ -37,9 +37,9 @@ from torch.utils.data import Dataset, TensorDataset
 import advisor
 from advisor.errors import AdvisorError
 from advisor.examples.digits import datasets
+from advisor.workload import IGNORE
 
 VOCAB = 256  # every text model's vocabulary; token 0 is padding (and T5's decoder start)
-IGNORE = -100  # a label position without loss
 TEXT_WIDTH, TEXT_GROUPS, GROUP = 64, 4, 16  # the groups are tokens 4..19, 20..35, 36..51 and 52..67
 TEXT_FIRST = 4  # tokens 1..3 never appear
 LM_WIDTH, LM_SHORTEST = 64, 16
