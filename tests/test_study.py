@@ -151,6 +151,31 @@ def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
     assert len(load("faulty").trials) == 2, "nothing was lost and nothing added after Ctrl-C"
 
 
+class _CallerTimeout(Exception):
+    pass
+
+
+def test_a_callers_own_exception_stops_the_running_trial_before_it_propagates(workdir):
+    options = {"storage": storage.DEFAULT_URL, **FAST}
+    advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)
+    load("faulty").enqueue_trial({**KNOBS, "accumulation": 8})  # hangs until stopped
+
+    def expire(signum, frame):
+        raise _CallerTimeout  # as pytest-timeout's signal method does
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(4)
+    try:
+        with pytest.raises(_CallerTimeout):
+            advisor.run("workloads:faulty", trials=3, progress=False, **options)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not [t for t in threading.enumerate() if t.name.startswith("advisor-worker")]
+    last = load("faulty").trials[-1]
+    assert last.state == TrialState.FAIL and last.user_attrs["failure"]["reason"] == "interrupted"
+
+
 @pytest.mark.parametrize("model, extra", [
     ("workloads:bare_mlp", ["--data", "workloads:data"]),
     ("workloads:dict_mlp", []),

@@ -276,6 +276,7 @@ def test_library_load_messages_go_to_a_log_not_the_terminal(tmp_path):
 # -- every offered option, as a real trial -----------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # T5: four torchao/PT2E trials of about 2 minutes each, mostly inductor
 @pytest.mark.parametrize("name", zoo_bench.MODELS)
 def test_every_offered_compression_option_runs_as_a_trial(name, tmp_path):
     report = zoo_bench.zoo([name], "cpu", study_dir=str(tmp_path), techniques=("prune_kind", "quantization"),

@@ -142,13 +142,17 @@ def run_trials(loop: Loop, worker_slots: list[Slot]) -> None:
         while finished < len(worker_slots):
             if done.acquire(timeout=0.2):
                 finished += 1
-    except KeyboardInterrupt:
-        # The workers stop their running trials, store them as "interrupted" and return.
+    except BaseException as stopped:
+        # The workers stop their running trials, store them as "interrupted" and return. Any
+        # other exception here (a caller's own timeout) stops them too, before it propagates:
+        # a trial process left running would compete with whatever runs next.
         loop.stop.set()
         loop.result.interrupted = True
         while finished < len(worker_slots):
             done.acquire()
             finished += 1
+        if not isinstance(stopped, KeyboardInterrupt):
+            raise
 
 
 def _next_trial(loop: Loop) -> tuple[optuna.Trial, Knobs, int] | None:
