@@ -72,18 +72,48 @@ def dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     return all(x <= y for x, y in zip(ka, kb, strict=True)) and ka != kb
 
 
-def pareto(items: list[T]) -> list[T]:
-    """The items (anything with ``.metrics``) no other item dominates."""
-    return [c for c in items if not any(dominates(o.metrics, c.metrics) for o in items if o is not c)]
+def pareto(items: list[T], baseline: Mapping[str, float] | None = None) -> list[T]:
+    """The items (anything with ``.metrics``, and maybe a ``.result``) no other item dominates;
+    with the ``baseline``'s metrics, compared in cost ratios, so a trial's latency is its
+    paired ratio where it has one (:func:`costs`)."""
+    keys = [costs(c, baseline) for c in items]
+    return [c for c, k in zip(items, keys, strict=True)
+            if not any(all(x <= y for x, y in zip(o, k, strict=True)) and o != k for o in keys)]
 
 
-def cost_ratios(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:
-    """Each objective as a ratio to the baseline where lower is better: value / baseline,
-    and for a maximized objective baseline / value (0.5x the accuracy costs 2.0)."""
+def costs(item, baseline: Mapping[str, float] | None) -> tuple[float, ...]:
+    """An item's objectives, lower is better: its cost ratios to ``baseline`` (the paired
+    latency ratio where the item's result has one), or without a baseline its metrics oriented."""
+    if baseline is None:
+        return oriented(item.metrics)
+    return tuple(cost_ratios(item.metrics, baseline, getattr(item, "result", None)))
+
+
+CONFIDENCE = 0.95  # of the paired ratios' bootstrap intervals (``trial/measure.time_paired``)
+
+
+def paired(result: Mapping | None, name: str) -> Mapping | None:
+    """The trial's paired ratio to the baseline for objective ``name`` (``ratio``, ``low``,
+    ``high``: timed interleaved with the baseline's model in the trial's own process), or
+    None where it has none: the objective is not a batch latency (a serving study's latency is
+    a simulated p99), or the trial was stored before pairing."""
+    if not result or name != "latency_ms" or "serving" in result:
+        return None
+    return result.get("paired", {}).get("latency")
+
+
+def cost_ratios(metrics: Mapping[str, float], baseline: Mapping[str, float],
+                result: Mapping | None = None) -> list[float]:
+    """Each objective as a ratio to the baseline where lower is better: value / baseline
+    (the paired ratio, where ``result`` has one), and for a maximized objective
+    baseline / value (0.5x the accuracy costs 2.0)."""
     out = []
     for o in OBJECTIVES:
         value, base = metrics[o.name], baseline[o.name]
-        if o.direction == "maximize":
+        pair = paired(result, o.name)
+        if pair is not None:
+            out.append(pair["ratio"])
+        elif o.direction == "maximize":
             out.append(base / value if value > 0 else math.inf)
         else:
             out.append(value / base if base > 0 else value)

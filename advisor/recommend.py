@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from advisor.constraints import Constraints, Miss
 from advisor.errors import AdvisorError
-from advisor.objectives import OBJECTIVES, cost_ratios, oriented, pareto
+from advisor.objectives import CONFIDENCE, OBJECTIVES, cost_ratios, costs, oriented, paired, pareto
 from advisor.study.record import Front, StudyRecord, TrialRecord
 
 GOALS = ("balanced", "accuracy", "latency", "memory", "size")
@@ -54,26 +54,32 @@ class Recommendation:
     result: dict = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float | None]:
-        return {o.name: (self.metrics[o.name] / self.baseline[o.name] if self.baseline.get(o.name) else None)
-                for o in OBJECTIVES}
+        """Each objective over the baseline's: the paired ratio where the trial has one."""
+        out = {}
+        for o in OBJECTIVES:
+            pair = paired(self.result, o.name)
+            out[o.name] = pair["ratio"] if pair is not None else (
+                self.metrics[o.name] / self.baseline[o.name] if self.baseline.get(o.name) else None)
+        return out
 
 
 def knee(front: list[TrialRecord], baseline: dict) -> tuple[TrialRecord, float]:
     """The point of ``front`` nearest the ideal one (the best of each objective on the
     front), in baseline ratios; returns it and its distance."""
-    points = [cost_ratios(c.metrics, baseline) for c in front]
+    points = [cost_ratios(c.metrics, baseline, c.result) for c in front]
     ideal = [min(p[i] for p in points) for i in range(len(OBJECTIVES))]
     distances = [math.dist(p, ideal) for p in points]
     best = min(range(len(front)), key=lambda i: (distances[i], oriented(front[i].metrics)))
     return front[best], distances[best]
 
 
-def best_for(items: list[TrialRecord], objective: str) -> TrialRecord:
-    """The best value of ``objective``; ties broken by the other objectives in table order."""
+def best_for(items: list[TrialRecord], objective: str, baseline: dict | None = None) -> TrialRecord:
+    """The best value of ``objective`` (with the ``baseline``, in cost ratios: a paired latency
+    ratio where a trial has one); ties broken by the other objectives in table order."""
     index = [o.name for o in OBJECTIVES].index(objective)
 
     def key(c: TrialRecord):
-        k = oriented(c.metrics)
+        k = costs(c, baseline)
         return (k[index], *k[:index], *k[index + 1:])
 
     return min(items, key=key)
@@ -99,14 +105,14 @@ def choose(items: list[TrialRecord], baseline: dict, constraints: Constraints, g
         return nearest, False, (f"no trial meets the constraints; #{nearest.number} is the nearest "
                                 f"to meeting them")
     if goal == "balanced":
-        front = judged.front if judged else pareto(meeting)
+        front = judged.front if judged else pareto(meeting, baseline)
         chosen, distance = knee(front, baseline)
         return chosen, True, (f"the knee of the {len(front)}-point front of {len(meeting)} feasible "
                               f"trials: nearest the ideal point (distance {distance:.2f} in "
                               f"ratios to the baseline)")
     objective = _GOAL_OBJECTIVE[goal]
     word = "highest" if objective == "accuracy" else "lowest"
-    return best_for(meeting, objective), True, (
+    return best_for(meeting, objective, baseline), True, (
         f"the {word} {objective.split('_')[0]} of the {len(meeting)} feasible trials")
 
 
@@ -178,11 +184,21 @@ def recommend_if_any(study: optuna.Study | StudyRecord, constraints: Constraints
 
 def _warnings(rec: Recommendation, baseline_result: dict) -> list[str]:
     out = []
-    ratios = rec.ratios()
-    if ratios["latency_ms"] is not None and ratios["latency_ms"] > 1:
-        out.append(f"its latency is {ratios['latency_ms']:.2f}x the baseline's: it is slower to serve")
+    pair = paired(rec.result, "latency_ms")
+    if pair is not None:
+        # Paired: slower only when the whole confidence interval says so.
+        if pair["low"] > 1:
+            out.append(f"its latency is {pair['ratio']:.2f}x the baseline's ({_interval(pair)}, timed "
+                       f"interleaved with it): it is slower to serve")
+    elif (r := rec.ratios()["latency_ms"]) is not None and r > 1:
+        out.append(f"its latency is {r:.2f}x the baseline's: it is slower to serve")
     b1, base_b1 = rec.result.get("latency_batch1", {}), baseline_result.get("latency_batch1", {})
-    if b1.get("median_ms") and base_b1.get("median_ms") and b1["median_ms"] > base_b1["median_ms"]:
+    pair_b1 = rec.result.get("paired", {}).get("latency_batch1")
+    if pair_b1 is not None:
+        if pair_b1["low"] > 1:
+            out.append(f"at batch 1 it is {pair_b1['ratio']:.2f}x slower than the baseline "
+                       f"({_interval(pair_b1)}, timed interleaved with it)")
+    elif b1.get("median_ms") and base_b1.get("median_ms") and b1["median_ms"] > base_b1["median_ms"]:
         out.append(f"at batch 1 it is {b1['median_ms'] / base_b1['median_ms']:.2f}x slower than the "
                    f"baseline ({b1['median_ms']:.3g} vs {base_b1['median_ms']:.3g} ms)")
     spread = rec.result.get("latency", {}).get("spread", 0.0)
@@ -192,3 +208,7 @@ def _warnings(rec: Recommendation, baseline_result: dict) -> list[str]:
     if rec.completed < FEW_TRIALS:
         out.append(f"chosen from only {rec.completed} completed trials; more trials may find better")
     return out
+
+
+def _interval(pair) -> str:
+    return f"{100 * CONFIDENCE:.0f}% interval {pair['low']:.2f}-{pair['high']:.2f}x"

@@ -19,7 +19,7 @@ from advisor import knobs as table_of_knobs
 from advisor import recommend
 from advisor.constraints import Constraints
 from advisor.knobs import Knob, Knobs
-from advisor.objectives import OBJECTIVES, ratio
+from advisor.objectives import CONFIDENCE, OBJECTIVES, paired, ratio
 from advisor.study.loop import Events
 from advisor.study.record import StudyRecord, StudySummary
 from advisor.texttable import table
@@ -36,8 +36,13 @@ def knob_cell(name: str, value: object, knobs: dict | None = None) -> str:
     return table_of_knobs.cell(table_of_knobs.row(name), Knobs.from_dict({**(knobs or {}), name: value}))
 
 
-def objective_cell(name: str, value: float, base: float | None, spread: float | None = None) -> str:
+def objective_cell(name: str, value: float, base: float | None, spread: float | None = None,
+                   pair: dict | None = None) -> str:
     text = f"{value:.4g}" if name == "accuracy" else f"{value:.3g}"
+    if pair is not None:
+        # The ratio timed interleaved with the baseline, with its confidence interval: it holds
+        # when the machine's load changes between this trial and the baseline's own run.
+        return f"{text} ({pair['ratio']:.2f}x, {pair['low']:.2f}-{pair['high']:.2f})"
     if spread is not None:
         text += f" ±{spread * 50:.0f}%"  # half the p10-p90 range, as a percentage of the median
     r = ratio(value, base) if base is not None else None
@@ -56,7 +61,8 @@ def measured_row(label: str, knobs: dict, result: dict, baseline: dict | None,
         spread = None
         if o.name == "latency_ms" and not serving:
             spread = result.get("latency", {}).get("spread")
-        cells.append(objective_cell(o.name, result["metrics"][o.name], base.get(o.name), spread))
+        cells.append(objective_cell(o.name, result["metrics"][o.name], base.get(o.name), spread,
+                                    paired(result, o.name)))
     if serving:
         served = result.get("serving", {})
         cells.append(f"{served.get('throughput_rps', 0):.0f}")
@@ -98,7 +104,9 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     out.append(f"Pareto front: {len(judged.front)} of {len(judged.feasible)} trials that meet the "
                f"constraints ({judged.constraints.describe()}), of {len(done)} completed "
                f"({len(record.failed)} failed); ratios are to the baseline"
-               + ("" if serving else ", latency ± is half the p10-p90 spread"))
+               + ("" if serving else "; a latency ratio is timed interleaved with the baseline's model in "
+                  f"the trial's process, with its {100 * CONFIDENCE:.0f}% interval (± where a trial "
+                  "has none: half the p10-p90 spread)"))
     if serving:
         s = record.settings
         out.append(f"Serving: {s['serving_rate']:g} requests/s (Poisson, {s['serving_requests']} "
@@ -139,9 +147,12 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
         if o.name == "accuracy":
             cells.append(f"accuracy {value:.4g} ({100 * (value - rec.baseline[o.name]):+.2f} points)")
         else:
-            r = ratios[o.name]
-            cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
-                         else f"{label} {value:.3g} {o.unit}")
+            r, pair = ratios[o.name], paired(rec.result, o.name)
+            if pair is not None:
+                cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x, {pair['low']:.2f}-{pair['high']:.2f})")
+            else:
+                cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
+                             else f"{label} {value:.3g} {o.unit}")
     lines.append("  " + "   ".join(cells))
     if served:
         lines.append(

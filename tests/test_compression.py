@@ -7,6 +7,7 @@ import math
 import os
 import types
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -215,6 +216,29 @@ def test_each_cpu_mode_runs_end_to_end_and_reports_its_artifact(mode, tmp_path, 
     stored = sum(measure.tensor_bytes([t]) for t in state.values())
     if mode in ("int8-static", "qat-int8", "bf16"):
         assert stored < 0.6 * fp32, (mode, stored, fp32)  # no fp32 copy is kept
+
+
+def test_qat_and_the_int8_capture_see_training_data_only(tmp_path, monkeypatch):
+    seen = []
+    for module, name in ((quantization, "prepare_qat"), (quantization, "quantize"), (pruning, "apply")):
+        original = getattr(module, name)
+
+        def record(*args, _original=original, **kwargs):
+            seen.append(next(a for a in args[1:] if isinstance(a, torch.Tensor)).clone())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+    spec = prepared_trial(tmp_path, "workloads:tiny_cnn",
+                          {"quantization": "qat-int8", "prune_kind": "structured", "prune_ratio": 0.25})
+    run_in_process(spec, monkeypatch)
+
+    def rows(split):
+        return {tuple(x.flatten().tolist()) for x in split.batch(np.arange(len(split)))[0]}
+
+    train_rows, val_rows = rows(spec.cache.split("train")), rows(spec.cache.split("val"))
+    assert len(seen) == 3, "pruning, QAT's preparation and the conversion each got an example"
+    for inputs in seen:
+        assert {tuple(x.flatten().tolist()) for x in inputs} <= train_rows - val_rows
 
 
 def test_int8_static_shrinks_the_digits_cnn_3x_within_a_point(workdir):

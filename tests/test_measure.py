@@ -54,6 +54,55 @@ def test_latency_of_a_twice_as_slow_model_measures_about_twice():
     assert 1.7 < ratio < 2.3, f"2x the work measured {ratio:.2f}x (pairs: {ratios})"
 
 
+class LoadedMachine:
+    """A fake clock and two fake models, ``cost`` seconds each per call, on a machine whose
+    load multiplies every call's time by ``load(now)``: what pairing must see through."""
+
+    def __init__(self, cost: dict[str, float], load) -> None:
+        self.now, self.cost, self.load = 0.0, cost, load
+
+    def clock(self) -> float:
+        return self.now
+
+    def call(self, name: str):
+        return lambda: setattr(self, "now", self.now + self.cost[name] * self.load(self.now))
+
+
+def test_a_paired_ratio_holds_when_the_load_changes_mid_measurement():
+    # 2 ms against 1 ms; the machine is 5x slower for the second half of the budget.
+    machine = LoadedMachine({"trial": 2e-3, "baseline": 1e-3}, lambda t: 5.0 if t > 0.25 else 1.0)
+    pair = measure.time_paired(machine.call("trial"), machine.call("baseline"), CPU,
+                               budget_s=0.5, clock=machine.clock)
+    assert pair.ratio == pytest.approx(2.0, rel=1e-6)
+    assert pair.low <= 2.0 <= pair.high and pair.high - pair.low < 0.05
+    assert pair.rounds >= 20
+
+
+def test_a_paired_interval_is_wide_when_the_rounds_disagree_and_holds_the_truth():
+    # Every call of the trial costs 1.5 or 2.5 ms at random: 2x the baseline in the median.
+    rng = np.random.default_rng(0)
+    machine = LoadedMachine({"trial": 1e-3, "baseline": 1e-3}, lambda t: 1.0)
+    trial = machine.call("trial")
+
+    def noisy():
+        machine.cost["trial"] = float(rng.choice([1.5e-3, 2.5e-3]))
+        trial()
+
+    pair = measure.time_paired(noisy, machine.call("baseline"), CPU, calls=1, budget_s=0.2,
+                               clock=machine.clock)
+    assert pair.low < 2.0 < pair.high and pair.high - pair.low > 0.1
+    assert pair.low >= 1.5 and pair.high <= 2.5
+
+
+@torch.no_grad()
+def test_a_paired_ratio_of_real_models_on_this_machine():
+    torch.set_num_threads(1)
+    x = torch.randn(256, 384)
+    once, twice = Repeated(1), Repeated(2)
+    pair = measure.time_paired(lambda: twice(x), lambda: once(x), CPU, budget_s=0.3)
+    assert 1.7 < pair.ratio < 2.3 and pair.low <= pair.ratio <= pair.high, pair
+
+
 class Allocating(nn.Module):
     """Adds ``extra_mib`` of live memory to every training forward, and nothing else."""
 

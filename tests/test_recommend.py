@@ -108,6 +108,48 @@ def test_warnings_for_slow_noisy_or_thinly_supported_recommendations():
     assert quiet.warnings == []
 
 
+def pair(ratio: float, low: float, high: float) -> dict:
+    return {"ratio": ratio, "low": low, "high": high, "rounds": 20, "ms": 1.0, "reference_ms": 1.0}
+
+
+def with_pairs(metrics: dict, latency: dict, batch1: dict | None = None) -> dict:
+    return {**result(metrics), "paired": {"latency": latency, "latency_batch1": batch1 or latency}}
+
+
+def test_the_front_and_the_goals_read_paired_latency_ratios_over_absolute_times():
+    # P ran while the machine was busy: 8 ms absolute, yet timed beside the baseline it is
+    # 0.5x. Q ran on a quiet machine: 6 ms absolute, 0.6x paired. Otherwise equal.
+    base = {"accuracy": 0.9, "memory_mib": 50.0, "size_mib": 5.0}
+    p = TrialRecord(0, "complete", {}, with_pairs({**base, "latency_ms": 8.0}, pair(0.5, 0.48, 0.52)))
+    q = TrialRecord(1, "complete", {}, with_pairs({**base, "latency_ms": 6.0}, pair(0.6, 0.58, 0.62)))
+    assert recommend.pareto([p, q], BASELINE) == [p], "paired, P dominates Q"
+    assert recommend.pareto([p, q]) == [q], "absolute, Q would have won"
+    assert recommend.best_for([p, q], "latency_ms", BASELINE) is p
+    assert objectives.cost_ratios(p.metrics, BASELINE, p.result)[1] == 0.5
+
+
+def test_slower_warnings_fire_only_when_the_paired_interval_says_so():
+    metrics = {"accuracy": 0.9, "latency_ms": 12.0, "memory_mib": 50.0, "size_mib": 5.0}
+
+    def warnings(latency: dict, batch1: dict) -> str:
+        study = optuna.create_study(directions=objectives.DIRECTIONS, study_name="paired")
+        study.set_user_attr("baseline", {"metrics": BASELINE, "knobs": {}, **result(BASELINE)})
+        study.set_user_attr("constraints", Constraints().to_dict())
+        study.add_trial(optuna.trial.create_trial(
+            params={"quantization": "none"}, distributions={"quantization": CategoricalDistribution(["none"])},
+            values=objectives.values(metrics), user_attrs={"result": with_pairs(metrics, latency, batch1)}))
+        rec = recommend.recommend(study, goal="memory", with_importance=False)
+        shown = report.render_recommendation(rec)
+        assert f"({latency['ratio']:.2f}x, {latency['low']:.2f}-{latency['high']:.2f})" in shown
+        return " | ".join(rec.warnings)
+
+    unsure = warnings(pair(1.2, 0.95, 1.4), pair(1.1, 0.9, 1.3))  # 12 ms against 10: not sure
+    assert "slower to serve" not in unsure and "at batch 1" not in unsure
+    sure = warnings(pair(1.2, 1.1, 1.3), pair(2.0, 1.8, 2.2))
+    assert "its latency is 1.20x the baseline's (95% interval 1.10-1.30x" in sure
+    assert "at batch 1 it is 2.00x slower than the baseline (95% interval 1.80-2.20x" in sure
+
+
 def test_importance_names_the_knob_that_moves_each_objective():
     study = optuna.create_study(directions=objectives.DIRECTIONS)
     study.set_user_attr("baseline", {"metrics": BASELINE, "knobs": {}, **result(BASELINE)})

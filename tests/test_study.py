@@ -33,6 +33,7 @@ def test_default_study_end_to_end(workdir):
     # The table: the baseline, the front with ratios, and what to run next.
     assert "Pareto front:" in result.out and "baseline" in result.out
     assert "x)" in result.out, "objectives are shown as ratios to the baseline"
+    assert "timed interleaved with the baseline's model" in result.out
     assert "advisor show --study digits-cnn" in result.out
     assert "Recommended (goal balanced)" in result.out or "Nearest to the constraints" in result.out
     assert "precision=fp16: cpu has no fast fp16 kernels" in result.out
@@ -55,6 +56,12 @@ def test_default_study_end_to_end(workdir):
         assert r["train"]["micro_batches"] == FAST["trial_steps"] * t.params["accumulation"]
         assert r["profile"]["train"] and r["profile"]["inference"]
         assert r["size_bytes"] == pytest.approx(r["metrics"]["size_mib"] * 2**20)
+        # Each latency ratio was timed against the baseline's model in the trial's process.
+        for key in ("latency", "latency_batch1"):
+            pair = r["paired"][key]
+            assert pair["low"] <= pair["ratio"] <= pair["high"] and pair["rounds"] >= 20
+            assert pair["ms"] > 0 and pair["reference_ms"] > 0
+            assert t.user_attrs[f"{key}_ratio"] == {k: pair[k] for k in ("ratio", "low", "high")}
         # The default constraint went to Optuna with the trial: a drop in points, minus 1.
         drop = 100 * (study.user_attrs["baseline"]["metrics"]["accuracy"] - r["metrics"]["accuracy"])
         assert t.constraints == {"max_accuracy_drop": pytest.approx(drop - 1.0)}

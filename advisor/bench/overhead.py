@@ -15,8 +15,8 @@ from advisor.bench.progress import Progress, silent
 from advisor.study import RunOptions, run
 from advisor.texttable import table
 
-MEASURED = ("baseline_train", "prune", "train", "quantize", "latency", "evaluate", "size", "memory",
-            "profile")
+MEASURED = ("baseline_train", "prune", "train", "quantize", "latency", "paired", "evaluate", "size",
+            "memory", "profile")
 GOAL_PCT = 15.0
 
 

@@ -118,7 +118,7 @@ def hypervolume(record: StudyRecord, judged: Front) -> Hypervolume:
     ref = np.full(len(OBJECTIVES), REFERENCE_RATIO)
     for t in done:
         if t.number in feasible:
-            kept.append(objectives.cost_ratios(t.metrics, base))
+            kept.append(objectives.cost_ratios(t.metrics, base, t.result))
         numbers.append(t.number)
         values.append(objectives.hypervolume(kept, ref))
     return Hypervolume(numbers, values, reference)

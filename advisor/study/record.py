@@ -151,7 +151,7 @@ class StudyRecord:
         if constraints not in self._fronts:  # the report, the recommendation and the dashboard share it
             base = self.baseline_metrics
             feasible = [t for t in self.completed if base is None or not constraints.misses(t.metrics, base)]
-            front = sorted(objectives.pareto(feasible),
+            front = sorted(objectives.pareto(feasible, base),
                            key=lambda t: (-t.metrics["accuracy"], t.metrics["latency_ms"]))
             self._fronts[constraints] = Front(constraints, feasible, front)
         return self._fronts[constraints]
@@ -242,6 +242,9 @@ def baseline_of(study: optuna.Study) -> dict | None:
 
 def write_result(trial: optuna.Trial, result: dict) -> None:
     trial.set_user_attr("result", result)
+    # The paired ratios also stand on their own, for plain Optuna readers (optuna-dashboard).
+    for key, paired in result.get("paired", {}).items():
+        trial.set_user_attr(f"{key}_ratio", {k: paired[k] for k in ("ratio", "low", "high")})
 
 
 def write_failure(trial: optuna.Trial, reason: str, phase: str, log_tail: str, wall_s: float) -> None:

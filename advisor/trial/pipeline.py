@@ -63,10 +63,15 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     one, _ = val.batch(slice(0, 1))
     one = to_device(one, device)
 
+    # What shapes or sets the model (pruning's trace, QAT's first forward and its observers,
+    # PT2E's capture) sees training data only: validation data is what the trial is judged on.
+    example, _ = train.batch(measure.fixed_batches(len(train), settings.latency_batch)[0][0])
+    example = to_device(example, device)
+
     # The fixed order of trial/compress.py: prune -> fine-tune -> quantize -> compile -> measure.
     phase("prune")
     teacher = distillation.teacher(model, knobs.config(DistillationConfig))  # the baseline, before compression
-    student, pruned = compress.student(model, knobs, batch, spec.keep)
+    student, pruned = compress.student(model, knobs, example, spec.keep)
 
     phase("train")
     wrapped = checkpointing.apply(student, knobs.config(CheckpointConfig))
@@ -81,7 +86,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     began = time.perf_counter()
     calibration = (calibration_batches(train, settings.latency_batch, device)
                    if knobs.config(QuantizationConfig).calibrated else [])
-    deploy = compress.deployable(student, knobs, batch, calibration)
+    deploy = compress.deployable(student, knobs, example, calibration)
     quantize_s = time.perf_counter() - began
     autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
 
@@ -95,6 +100,13 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     latency = measure.time_calls(infer, device, budget_s=settings.latency_seconds)
     latency_b1 = measure.time_calls(lambda: infer(one), device,
                                     budget_s=settings.latency_seconds / 2)
+
+    # The ratios to the baseline: its model timed in this process, interleaved with this one.
+    paired = {}
+    if spec.role != "baseline":
+        phase("paired")
+        paired = paired_latency(infer, reference_model(spec, device), batch, one, device,
+                                settings.latency_seconds)
 
     serve = None
     batcher = knobs.config(BatcherConfig)
@@ -135,6 +147,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         },
         "latency": latency.to_dict(),
         "latency_batch1": latency_b1.to_dict(),
+        **({"paired": paired} if paired else {}),
         **({"serving": {**serve["result"].to_dict(), "rate": settings.serving_rate,
                         "deadline_ms": settings.serving_deadline_ms,
                         "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait_ms,
@@ -161,6 +174,28 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         "profile": {"train": train_ops, "inference": infer_ops},
     }
     return result, deploy
+
+
+def reference_model(spec: TrialSpec, device: torch.device) -> torch.nn.Module:
+    """The baseline's deployable model: the workload's model with the baseline's weights, fp32
+    and eager (``knobs.baseline``), as the baseline run measured it."""
+    model, _, _ = spec.cache.load_workload(spec.ref)
+    model.load_state_dict(torch.load(spec.cache.baseline_file, map_location=device, weights_only=True))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def paired_latency(infer, reference: torch.nn.Module, batch, one, device: torch.device,
+                   budget_s: float) -> dict:
+    """The trial's latency over the baseline's at the latency batch and at batch 1, each
+    timed interleaved with the baseline's model (``measure.time_paired``)."""
+
+    @torch.no_grad()
+    def base(inputs=batch):
+        return call_model(reference, inputs)
+
+    return {"latency": measure.time_paired(infer, base, device, budget_s=budget_s).to_dict(),
+            "latency_batch1": measure.time_paired(lambda: infer(one), lambda: base(one), device,
+                                                  budget_s=budget_s / 2).to_dict()}
 
 
 def measure_serving(infer, val: MappedSplit, batcher: BatcherConfig, settings: Settings,
