@@ -89,3 +89,52 @@ def detect(device: str = "auto") -> Hardware:
         capability=None,
         torch_version=torch.__version__,
     )
+
+
+# What makes two machines' times comparable: a study is measured on one kind of machine.
+FINGERPRINT = ("device", "name", "capability", "cores", "threads", "torch_version", "libraries")
+LIBRARIES = ("torchao", "torch-pruning", "transformers")
+
+
+def fingerprint(hw: Hardware, threads: int | None) -> dict:
+    """The machine as a study records it: ``hw`` with the threads a trial runs on and the
+    versions of the libraries whose kernels it times."""
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {**hw.to_dict(), "threads": threads or hw.cores, "libraries": versions}
+
+
+def describe(machine: dict) -> str:
+    """A recorded machine in a few words: its device, cores, threads and torch."""
+    what = machine.get("name") or machine.get("device", "?")
+    parts = [f"{machine['cores']} cores" if "cores" in machine else "",
+             f"{machine['threads']} threads" if "threads" in machine else "",
+             f"torch {machine['torch_version']}" if "torch_version" in machine else ""]
+    return f"{machine.get('device', '?')} {what} ({', '.join(p for p in parts if p)})"
+
+
+def differences(stored: dict, current: dict) -> list[str]:
+    """The fingerprint fields two recorded machines disagree on (fields a study recorded
+    before they were part of the fingerprint are not compared)."""
+    out = []
+    for key in FINGERPRINT:
+        if key not in stored:
+            continue
+        old, new = stored[key], current.get(key)
+        if key == "capability":
+            old, new = tuple(old) if old else None, tuple(new) if new else None
+        if old != new:
+            out.append(f"{key} {_short(old)} vs {_short(new)}")
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)

@@ -99,6 +99,29 @@ def test_resume_adds_trials_and_reuses_the_baseline(workdir):
     assert study.user_attrs["baseline"]["metrics"]["size_mib"] == baseline["metrics"]["size_mib"]
 
 
+def test_a_study_goes_on_only_on_a_machine_of_the_kind_it_was_measured_on(workdir):
+    first = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *FAST_ARGS, *plain_args())
+    assert first.code == 0, first.err
+    study = load("tensor-mlp")
+    machine = study.user_attrs["hardware"]
+    assert machine["threads"] >= 1 and "torchao" in machine["libraries"]
+    # Another kind of CPU shares the storage: its times would be ratioed to this one's.
+    study.set_user_attr("hardware", {**machine, "name": "Another CPU", "cores": 64})
+    refused = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
+    assert refused.code != 0 and "Traceback" not in refused.err
+    line = refused.err.strip()
+    assert "\n" not in line and "was measured on cpu Another CPU (64 cores" in line
+    assert "name Another CPU vs " in line and "--study tensor-mlp-NAME" in line
+    # Other threads per trial on the same machine are another kind too.
+    study.set_user_attr("hardware", {**machine, "threads": machine["threads"] + 1})
+    assert cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args()).code != 0
+    assert len(load("tensor-mlp").trials) == 1, "nothing was added or lost"
+    # A study stored before the fingerprint (no threads, no libraries) goes on where the rest agree.
+    study.set_user_attr("hardware", {k: v for k, v in machine.items() if k not in ("threads", "libraries")})
+    again = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
+    assert again.code == 0, again.err
+
+
 def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
     advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)

@@ -57,7 +57,7 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
     search = build_space(settings)
     queued = [search.check_values(values) for values in options.enqueue]
     if stored:
-        check_resume(study_name, stored, info, hw, search.to_dict())
+        check_resume(study_name, stored, info, hardware.fingerprint(hw, options.threads), search.to_dict())
     else:
         study = optuna.create_study(storage=rdb, study_name=study_name, directions=directions,
                                     sampler=sampler, load_if_exists=True)
@@ -65,26 +65,37 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(objectives.NAMES))
         record.write_setup(study, info=info, settings=settings.to_dict(), constraints=constraints,
-                           hardware=hw.to_dict(), space=search.to_dict(),
+                           hardware=hardware.fingerprint(hw, options.threads), space=search.to_dict(),
                            version={"version": __version__, "format": FORMAT})
     for values in queued:
         study.enqueue_trial(values)
     return Opened(study, settings, constraints, search)
 
 
-def check_resume(study_name: str, stored: record.Setup, info: dict, hw: hardware.Hardware,
+def check_resume(study_name: str, stored: record.Setup, info: dict, machine: dict,
                  space_dict: dict) -> None:
-    """Refuse to go on with a study whose workload, device or space differ from this run's."""
+    """Refuse to go on with a study whose workload, machine or space differ from this run's.
+
+    A study is measured on one kind of machine (``hardware.fingerprint``): its absolute
+    times, its constraints in milliseconds and the sampler's view of the latency objective
+    are only comparable there. Several machines share a study when they are of one kind."""
     old = stored.workload
     if old.get("fingerprints") != info["fingerprints"] or old.get("parameters") != info["parameters"]:
         raise AdvisorError(
             f"the workload of study {study_name!r} changed since it began (its data or model "
             f"differ from the stored ones); start a new study with --study NAME")
     old_device = stored.hardware.get("device")
-    if old_device != hw.device:
+    if old_device != machine["device"]:
         raise AdvisorError(
             f"study {study_name!r} was measured on {old_device} ({stored.hardware.get('name')}) "
-            f"and this run would use {hw.device}; use --device {old_device} or a new --study NAME")
+            f"and this run would use {machine['device']}; use --device {old_device} or a new --study NAME")
+    differ = hardware.differences(stored.hardware, machine)
+    if differ:
+        raise AdvisorError(
+            f"study {study_name!r} was measured on {hardware.describe(stored.hardware)} and this "
+            f"machine differs ({'; '.join(differ)}): its times would not be comparable. Run it on "
+            f"a machine of the same kind (with the same --threads), or give this machine its own "
+            f"study with --study {study_name}-NAME")
     if not space.same_search(stored.space, space_dict):
         raise AdvisorError(
             f"study {study_name!r} was searched over another space (other hardware or model); "
