@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import threading
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import advisor
@@ -120,6 +122,29 @@ def test_a_study_goes_on_only_on_a_machine_of_the_kind_it_was_measured_on(workdi
     study.set_user_attr("hardware", {k: v for k, v in machine.items() if k not in ("threads", "libraries")})
     again = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
     assert again.code == 0, again.err
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two workers need two cores")
+def test_with_two_workers_the_baseline_is_measured_on_a_slot_of_the_trials_shape(workdir):
+    result = advisor.run("workloads:tensor_mlp", trials=2, workers=2, progress=False, **plain(),
+                         storage=storage.DEFAULT_URL, **FAST)
+    assert result.completed == 2
+    study = load("tensor-mlp")
+    share = len(os.sched_getaffinity(0)) // 2
+    assert len(study.user_attrs["baseline"]["worker"]["cpus"]) == share
+    assert [len(t.user_attrs["worker"]["cpus"]) for t in study.trials] == [share, share]
+
+
+def test_more_workers_than_gpus_is_refused_before_anything_runs(monkeypatch):
+    from advisor import hardware
+    from advisor.errors import AdvisorError
+    from advisor.study import loop
+
+    gpu = dataclasses.replace(hardware.detect("cpu"), device="cuda", name="H100")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [dict(s.env)["CUDA_VISIBLE_DEVICES"] for s in loop.slots(2, gpu)] == ["0", "1"]
+    with pytest.raises(AdvisorError, match=r"--workers 3 on CUDA needs a GPU per worker.*use --workers 2"):
+        loop.slots(3, gpu)
 
 
 def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir):

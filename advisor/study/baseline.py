@@ -12,7 +12,7 @@ import optuna
 from advisor.errors import AdvisorError
 from advisor.knobs import baseline as baseline_knobs
 from advisor.study import record, storage
-from advisor.study.loop import Events
+from advisor.study.loop import Events, Slot
 from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import TrialSpec
 from advisor.workload import Workload
@@ -21,8 +21,10 @@ BLOB = "baseline.pt"  # the key of the trained baseline's weights in the storage
 
 
 def ensure_baseline(study: optuna.Study, rdb: optuna.storages.RDBStorage, workload: Workload,
-                    spec: TrialSpec, runner: TrialRunner, timeout: float, events: Events) -> dict:
-    """The study's baseline measurements, measuring them if the study has none yet; the
+                    spec: TrialSpec, runner: TrialRunner, timeout: float, events: Events,
+                    slot: Slot) -> dict:
+    """The study's baseline measurements, measuring them if the study has none yet, on a
+    ``slot`` of the shape the trials get (a worker's cores and threads, or its GPU); the
     baseline's weights are in the cache when this returns."""
     cache = spec.cache
     need_training = False
@@ -41,13 +43,14 @@ def ensure_baseline(study: optuna.Study, rdb: optuna.storages.RDBStorage, worklo
     events.baseline_started(need_training)
     settings = spec.settings
     knobs = baseline_knobs(settings.lr, settings.serving_rate > 0)
-    outcome = runner.run(spec.baseline(knobs, need_training), timeout, on_tick=events.tick)
+    outcome = runner.run(spec.baseline(knobs, need_training, slot.cpus, slot.env), timeout,
+                         on_tick=events.tick)
     if not outcome.ok:
         raise AdvisorError(f"the baseline run failed, so no trial can be compared: {outcome.reason}"
                            f" (log: {cache.log(-1)})")
     if need_training:
         storage.put_blob(rdb, study.study_name, BLOB, cache.baseline_file.read_bytes())
-    baseline = {**outcome.result, "knobs": knobs.to_dict()}
+    baseline = {**outcome.result, "knobs": knobs.to_dict(), "worker": slot.to_dict()}
     record.write_baseline(study, baseline)
     events.baseline_finished(outcome.result)
     return baseline

@@ -56,7 +56,8 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
                                   options.trial_memory_mb)
         clock = time.perf_counter()
         with cache.lock():
-            baseline = ensure_baseline(study, rdb, workload, spec, runner, options.trial_timeout, events)
+            baseline = ensure_baseline(study, rdb, workload, spec, runner, options.trial_timeout, events,
+                                       worker_slots[0])
         setup["baseline_s"] = time.perf_counter() - clock
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)

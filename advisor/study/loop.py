@@ -88,14 +88,17 @@ class Slot:
 
 
 def slots(workers: int, hw: hardware.Hardware) -> list[Slot]:
-    """Split this machine between ``workers``: on CUDA one GPU each (round robin when there
-    are more workers than GPUs), on CPU a disjoint set of cores each, so no trial is timed on
-    cores another trial is training on."""
+    """Split this machine between ``workers``: on CUDA one GPU each, on CPU a disjoint set of
+    cores each, so no trial is timed on cores or a GPU another trial is training on."""
     if workers == 1:
         return [Slot(0, 1)]
     if hw.device == "cuda":
         gpus = max(1, torch.cuda.device_count())
-        return [Slot(i, workers, env=(("CUDA_VISIBLE_DEVICES", str(i % gpus)),)) for i in range(workers)]
+        if workers > gpus:
+            raise AdvisorError(f"--workers {workers} on CUDA needs a GPU per worker, or a trial's "
+                               f"latency would be timed on a GPU another trial is training on; this "
+                               f"machine has {gpus}: use --workers {gpus} or fewer")
+        return [Slot(i, workers, env=(("CUDA_VISIBLE_DEVICES", str(i)),)) for i in range(workers)]
     cores = sorted(os.sched_getaffinity(0))
     if workers > len(cores):
         raise AdvisorError(f"--workers {workers} needs at least that many CPU cores; this machine "

@@ -100,8 +100,11 @@ class TrialSpec:
                    device=device, threads=threads, env=env, keep=workload.keep,
                    lengths=workload.lengths, memory_limit_mb=memory_limit_mb)
 
-    def baseline(self, knobs: Knobs, train: bool) -> TrialSpec:
-        return replace(self, role="baseline", number=-1, knobs=knobs, train_baseline=train)
+    def baseline(self, knobs: Knobs, train: bool, cpus: tuple[int, ...] = (),
+                 env: tuple[tuple[str, str], ...] = ()) -> TrialSpec:
+        """The baseline's run, on a slot of the trials' shape (``cpus``, ``env``: a worker's)."""
+        return replace(self, role="baseline", number=-1, knobs=knobs, train_baseline=train, cpus=cpus,
+                       threads=len(cpus) or self.threads, env=self.env + env)
 
     def trial(self, number: int, knobs: Knobs, cpus: tuple[int, ...] = (),
               env: tuple[tuple[str, str], ...] = ()) -> TrialSpec:
