@@ -21,7 +21,8 @@ from advisor.techniques import batching
 from advisor.techniques.batching import BatchingConfig, TokenBudgetSampler
 from advisor.trial import mapped
 from advisor.trial.cache import StudyCache
-from advisor.trial.train import Sampler, Trainer
+from advisor.trial.measure import MemoryMeter
+from advisor.trial.train import Sampler, Trainer, training_memory
 from advisor.workload import WorkloadRef, build, default_loss
 from conftest import FAST, PLAIN, cli
 
@@ -205,6 +206,26 @@ def test_a_budget_step_has_the_fixed_steps_gradient_and_counts_its_samples(tmp_p
         for g_fixed, g_budget in zip(grads[step], grads[3 + step], strict=True):
             torch.testing.assert_close(g_budget, g_fixed, rtol=1e-4, atol=1e-6,
                                        msg="a budget step must give the fixed batch's mean gradient")
+
+
+def test_the_memory_window_of_a_budget_trial_holds_its_costliest_step(tmp_path):
+    split, lengths = _text_split(tmp_path)
+    t = _trainer(textcls.TextClassifier(width=16, depth=1), split, lengths, max_tokens=512)
+    longest = int(lengths.tokens.max())
+    (worst,) = t.budget.longest_step()
+    assert len(worst) == min(16, 512 // longest)
+    assert lengths.tokens[worst].min() >= np.sort(lengths.tokens)[-len(worst)], "the longest samples"
+    shapes, batch = [], t.batch
+
+    def recorded(idx):
+        inputs, target = batch(idx)
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return inputs, target
+
+    t.batch = recorded
+    training_memory(t, MemoryMeter(torch.device("cpu")))
+    in_window = shapes[1:]  # the first step runs before the window opens
+    assert (len(worst), longest) in in_window, (longest, in_window)
 
 
 def test_a_budget_needs_lengths_and_no_accumulation(tmp_path):

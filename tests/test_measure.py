@@ -103,6 +103,18 @@ def test_a_paired_ratio_of_real_models_on_this_machine():
     assert 1.7 < pair.ratio < 2.3 and pair.low <= pair.ratio <= pair.high, pair
 
 
+def test_state_counts_the_weight_unstructured_pruning_derives_at_each_forward():
+    from torch.nn.utils import prune
+
+    layer = nn.Linear(256, 128)
+    plain = measure.model_state_bytes(layer)
+    assert plain == (256 * 128 + 128) * 4
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    layer(torch.randn(2, 256))
+    # weight_orig (the parameter), weight_mask (a buffer) and the masked weight (an attribute).
+    assert measure.model_state_bytes(layer) == plain + 2 * 256 * 128 * 4
+
+
 class Allocating(nn.Module):
     """Adds ``extra_mib`` of live memory to every training forward, and nothing else."""
 

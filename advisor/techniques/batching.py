@@ -154,6 +154,14 @@ class TokenBudgetSampler:
         self.pos += len(step)
         return pack(step, self.tokens, self.max_tokens)
 
+    def longest_step(self) -> list[np.ndarray]:
+        """The step whose micro-batch costs the most memory: the longest samples, as many as
+        the budget packs at their width. Every micro-batch holds at most ``max_tokens``
+        positions, so the widest full one has the largest attention (count x width^2)."""
+        longest = int(self.tokens.max())
+        count = min(self.batch_size, max(1, self.max_tokens // longest))
+        return [np.argsort(-self.tokens, kind="stable")[:count]]
+
     def epoch(self) -> list[list[np.ndarray]]:
         """The steps left in this epoch (all of them on a fresh sampler)."""
         steps = [self.next_step()]

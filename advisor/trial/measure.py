@@ -163,7 +163,15 @@ def tensor_bytes(tensors) -> int:
 
 
 def model_state_bytes(model: nn.Module) -> int:
-    return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    """Parameters and buffers, plus the tensors pruning derives from them: a module pruned
+    through ``torch.nn.utils.prune`` holds ``weight_orig`` and ``weight_mask`` and, from its
+    first forward on, the masked ``weight`` as a plain attribute, which lives across steps."""
+    from torch.nn.utils import prune
+
+    derived = [getattr(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
+               if isinstance(hook, prune.BasePruningMethod)
+               and isinstance(getattr(m, hook._tensor_name, None), torch.Tensor)]
+    return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + tensor_bytes(derived)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

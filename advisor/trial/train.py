@@ -137,15 +137,16 @@ class Trainer:
         self.micro_batches = 0
         self.loss_sum = torch.zeros((), device=device)
 
-    def step(self) -> None:
-        """One optimizer step over ``accumulation`` micro-batches (or the token budget's)."""
+    def step(self, batches: list[np.ndarray] | None = None) -> None:
+        """One optimizer step over ``accumulation`` micro-batches (or the token budget's), or
+        over the given micro-batches (index arrays)."""
         if self.cudagraphs:
             # Once per optimizer step, not per micro-batch: a new CUDA-graph generation would
             # overwrite the gradients the earlier micro-batches accumulated.
             torch.compiler.cudagraph_mark_step_begin()
-        if self.budget is not None:
+        if batches is None and self.budget is not None:
             batches = self.budget.next_step()
-        else:
+        elif batches is None:
             batches = [self.sampler.take(self.micro) for _ in range(self.accumulation)]
         step_samples = sum(len(idx) for idx in batches)
         for idx in batches:
@@ -259,8 +260,10 @@ def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> Mem
     trainer.take_loss(1)
 
     def window() -> None:
-        for _ in range(steps):
-            trainer.step()
+        # Under a token budget, steps differ in shape: the window holds the one that costs the
+        # most (the longest samples at a full micro-batch), which the next steps may not.
+        for i in range(steps):
+            trainer.step(trainer.budget.longest_step() if trainer.budget is not None and i == 0 else None)
 
     transient, _ = peak_in_fresh_arena(window, meter)
     trainer.take_loss(steps)
