@@ -115,6 +115,18 @@ def test_state_counts_the_weight_unstructured_pruning_derives_at_each_forward():
     assert measure.model_state_bytes(layer) == plain + 2 * 256 * 128 * 4
 
 
+def test_graph_pools_count_allocated_bytes_of_private_pools_only(monkeypatch):
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 8 * MIB, "allocated_size": 6 * MIB},
+        {"device": 0, "segment_pool_id": (1, 3), "total_size": 4 * MIB, "allocated_size": 3 * MIB},
+        {"device": 0, "segment_pool_id": (1, 5), "total_size": 2 * MIB, "allocated_size": 1 * MIB},
+        {"device": 1, "segment_pool_id": (1, 7), "total_size": 2 * MIB, "allocated_size": 2 * MIB},
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert measure.graph_pool_bytes(torch.device("cuda", 0)) == 4 * MIB
+    assert measure.graph_pool_bytes(CPU) == 0
+
+
 class Allocating(nn.Module):
     """Adds ``extra_mib`` of live memory to every training forward, and nothing else."""
 

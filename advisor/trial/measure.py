@@ -149,11 +149,12 @@ def peak_in_fresh_arena(fn: Callable[[], Any], meter: MemoryMeter) -> tuple[int,
 
 
 def graph_pool_bytes(device: torch.device) -> int:
-    """Bytes the CUDA allocator reserved for private pools (CUDA graphs); 0 on CPU."""
+    """Bytes allocated in the CUDA allocator's private pools (CUDA graphs' activations), as
+    every other figure counts allocated, not reserved, bytes; 0 on CPU."""
     if device.type != "cuda":
         return 0
     index = device.index or 0
-    return sum(s["total_size"] for s in torch.cuda.memory_snapshot()
+    return sum(s["allocated_size"] for s in torch.cuda.memory_snapshot()
                if s.get("device", index) == index
                and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 

@@ -81,6 +81,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
                       teacher=teacher, lengths=lengths)
     meter = MemoryMeter(device)
     report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
+    training_pools = measure.graph_pool_bytes(device)  # before inference records graphs of its own
 
     phase("quantize")
     began = time.perf_counter()
@@ -125,7 +126,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     shutil.rmtree(artifact)
 
     phase("memory")
-    memory = training_memory(trainer, meter)
+    memory = training_memory(trainer, meter, graph_pools=training_pools)
 
     phase("profile")
     compiled.train()

@@ -243,7 +243,8 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
     )
 
 
-def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> MemoryReport:
+def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2,
+                    graph_pools: int | None = None) -> MemoryReport:
     """Peak memory of ``steps`` more optimizer steps, after warm-up (and compilation).
 
     Transient memory (activations, gradients, workspaces) is measured; the state that lives
@@ -270,8 +271,9 @@ def training_memory(trainer: Trainer, meter: MemoryMeter, steps: int = 2) -> Mem
     state = model_state_bytes(trainer.model) + optimizer_state_bytes(trainer.optimizer)
     if trainer.teacher is not None:
         state += model_state_bytes(trainer.teacher)
-    # CUDA graphs keep their activations in private pools reserved when they were recorded,
-    # before the window: count those pools whole.
-    graphs = graph_pool_bytes(meter.device)
+    # CUDA graphs keep their activations in private pools filled when they were recorded,
+    # before the window: count them, as the caller measured them after training and before
+    # any inference graph was recorded (``graph_pools``), or now.
+    graphs = graph_pool_bytes(meter.device) if graph_pools is None else graph_pools
     return MemoryReport(transient_mib=(transient + graphs) / MIB, state_mib=state / MIB,
                         steps=steps, graph_pool_mib=graphs / MIB)
