@@ -48,3 +48,4 @@ def test_workers_benchmark_runs_the_same_trials_with_one_and_two_workers(workdir
         assert 0 < r["storage_wait_share"] < r["busy_share"] <= 1.0 + 1e-6
     assert report["rows"][0]["speedup"] == 1.0
     assert "trials/hour" in bench.render_workers(report)
+

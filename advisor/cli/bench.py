@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from advisor import bench
+from advisor.bench import noise as noise_bench
 from advisor.bench import search
 from advisor.bench import varlen as varlen_bench
 from advisor.bench import zoo as zoo_bench
@@ -17,7 +18,7 @@ from advisor.report import Progress
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency, "
-                       "token-budget batching",
+                       "token-budget batching, the zoo, latency under noise",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
@@ -100,6 +101,23 @@ def register(sub) -> None:
     z.add_argument("--json", default="studies/bench-zoo.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-zoo.json)")
     z.set_defaults(handler=zoo)
+    n = which.add_parser("noise", help="latency ratios of the same configurations on a quiet machine and "
+                         "beside busy processes, paired and unpaired",
+                         description="Three configurations (the baseline's knobs, int8-static, structured "
+                                     "0.5 + int8-static) as --repeats trials each on the machine as it "
+                                     "is (run it on a quiet one), then as many again while busy "
+                                     "processes run on the same cores.")
+    n.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
+    n.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    n.add_argument("--repeats", type=int, default=5, help="trials per configuration and condition (default 5)")
+    n.add_argument("--load", type=int, metavar="N", help="busy processes under load (default: one per core)")
+    n.add_argument("--trial-steps", type=int, default=20, metavar="N",
+                   help="fine-tune steps per trial (default 20: latency does not depend on them)")
+    n.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
+    n.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
+    n.add_argument("--json", default="studies/bench-noise.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-noise.json)")
+    n.set_defaults(handler=noise)
 
 
 def _names(flag: str, text: str, known) -> list[str]:
@@ -119,6 +137,19 @@ def zoo(args: argparse.Namespace) -> int:
     report = zoo_bench.zoo(models, args.device, techniques=techniques, trial_timeout=args.trial_timeout,
                            progress=Progress, **settings)
     print(zoo_bench.render_zoo(report))
+    _write(args.json, report)
+    return 0
+
+
+def noise(args: argparse.Namespace) -> int:
+    for flag, value in (("--repeats", args.repeats), ("--load", args.load), ("--trial-steps", args.trial_steps)):
+        if value is not None and value < 1:
+            raise AdvisorError(f"{flag} must be a positive integer; got {value}")
+    settings = {k: v for k, v in (("trial_steps", args.trial_steps),
+                                  ("latency_seconds", args.latency_seconds)) if v is not None}
+    report = noise_bench.noise(args.model, args.device, repeats=args.repeats, load_processes=args.load,
+                               trial_timeout=args.trial_timeout, progress=Progress, **settings)
+    print(noise_bench.render(report))
     _write(args.json, report)
     return 0
 

@@ -1,0 +1,43 @@
+"""``advisor bench noise``: its summaries and goals, and the load it puts on the machine."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from advisor.bench import noise
+from advisor.study import TrialRecord
+
+
+def _noise_trial(number: int, paired: float, latency_ms: float):
+    result = {"metrics": {"latency_ms": latency_ms},
+              "paired": {"latency": {"ratio": paired, "low": paired * 0.98, "high": paired * 1.02}}}
+    return TrialRecord(number, "complete", {}, result)
+
+
+def test_noise_benchmark_summarizes_paired_and_unpaired_ratios_against_its_goals():
+    baseline = {"metrics": {"latency_ms": 2.0}}
+    quiet = noise._condition([_noise_trial(i, r, 1.0) for i, r in enumerate((0.50, 0.51, 0.49))], baseline)
+    loaded = noise._condition([_noise_trial(i, r, 6.0) for i, r in enumerate((0.53, 0.52, 0.54))], baseline)
+    assert quiet["paired"]["median"] == 0.50 and quiet["paired"]["cv"] == pytest.approx(0.0163, abs=1e-3)
+    assert quiet["unpaired"]["median"] == 0.5 and loaded["unpaired"]["median"] == 3.0
+    rows = [{"config": "int8", "quiet": quiet, "loaded": loaded, "load_shift": 0.53 / 0.50 - 1}]
+    goals = noise._goals(rows)
+    assert goals["load_within"]["met"] and goals["quiet_cv"]["met"]
+    rows[0]["load_shift"] = 0.2
+    assert not noise._goals(rows)["load_within"]["met"]
+    text = noise.render({"rows": rows, "goals": noise._goals(rows), "hardware": {"device": "cpu"},
+                         "settings": {"latency_batch": 64}, "workload": "w", "repeats": 3, "load_processes": 2})
+    assert "0.500x (cv 1.6%)" in text and "3.000x" in text and "NOT met (worst 20.0%)" in text
+
+
+def test_cpu_load_runs_busy_processes_and_stops_them():
+    def cpu_seconds() -> float:
+        return sum(os.times()[2:4])  # children's user + system time, once they are reaped
+
+    before = cpu_seconds()
+    with noise.cpu_load(2):
+        time.sleep(1.0)
+    assert cpu_seconds() - before > 0.5, "the children were busy"
