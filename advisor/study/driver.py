@@ -15,7 +15,7 @@ import os
 import time
 
 from advisor import hardware, space
-from advisor.study import loop, storage
+from advisor.study import loop, record, storage
 from advisor.study.baseline import ensure_baseline
 from advisor.study.loop import Events, RunResult
 from advisor.study.open import open_study
@@ -67,7 +67,7 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
         loop.run_trials(trials, worker_slots)
     finally:
         result.loop_s = time.perf_counter() - began
-        result.front = [t.number for t in study.best_trials]
+        result.front = [t.number for t in record.StudyRecord.of(study).front(constraints).front]
     return result
 
 

@@ -222,7 +222,8 @@ def _worker(loop: Loop, slot: Slot) -> None:
             else:
                 study.tell(trial, state=TrialState.FAIL)
                 result.failed += 1
-            front = len(study.best_trials) if outcome.ok else None
+            # The front as the report finds it: feasible trials, paired latency ratios.
+            front = len(record.StudyRecord.of(study).front(loop.constraints).front) if outcome.ok else None
         t3 = time.perf_counter()
         result.timings.append({
             "number": trial.number, "knobs": knobs.to_dict(), "ok": outcome.ok, "worker": slot.index,
