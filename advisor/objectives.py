@@ -30,7 +30,8 @@ class Objective:
 OBJECTIVES: tuple[Objective, ...] = (
     Objective(
         "accuracy", "maximize", "", "accuracy",
-        "the workload's metric on the full validation set, measured on the deployable model",
+        "the workload's metric on the validation set's selection part (even positions), measured "
+        "on the deployable model",
     ),
     Objective(
         "latency_ms", "minimize", "ms", "latency",

@@ -52,6 +52,16 @@ class Recommendation:
     warnings: list[str] = field(default_factory=list)
     importance: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     result: dict = field(default_factory=dict)
+    baseline_result: dict = field(default_factory=dict)
+
+    @property
+    def confirmation(self) -> dict | None:
+        """The chosen trial's and the baseline's accuracy on the validation part no choice
+        was made on, with the two parts' sizes; None for trials stored before the split."""
+        mine, base = self.result.get("confirmation"), self.baseline_result.get("confirmation")
+        if not mine or not base or mine["accuracy"] is None or base["accuracy"] is None:
+            return None
+        return {"accuracy": mine["accuracy"], "baseline": base["accuracy"], "samples": mine["samples"]}
 
     def ratios(self) -> dict[str, float | None]:
         """Each objective over the baseline's: the paired ratio where the trial has one."""
@@ -161,7 +171,8 @@ def recommend(study: optuna.Study | StudyRecord, constraints: Constraints | None
     rec = Recommendation(
         study=record.name, goal=goal, constraints=judged.constraints, number=chosen.number,
         params=chosen.params, metrics=chosen.metrics, baseline=baseline, feasible=met,
-        why=why, completed=len(items), feasible_count=len(judged.feasible), result=chosen.result)
+        why=why, completed=len(items), feasible_count=len(judged.feasible), result=chosen.result,
+        baseline_result=record.baseline)
     if not met:
         rec.misses = judged.constraints.misses(chosen.metrics, baseline)
         rec.advice = [f"run more trials: advisor run --study {record.name} --trials 20"]

@@ -154,6 +154,14 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
                 cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
                              else f"{label} {value:.3g} {o.unit}")
     lines.append("  " + "   ".join(cells))
+    confirmed = rec.confirmation
+    if confirmed is not None:
+        selection, held_out = confirmed["samples"]
+        lines.append(
+            f"  confirmed on the {held_out} validation samples no choice was made on (the accuracy "
+            f"above is on the other {selection}, where one sample is {100 / selection:.2g} points): "
+            f"{confirmed['accuracy']:.4g} ({100 * (confirmed['accuracy'] - confirmed['baseline']):+.2f} "
+            f"points against the baseline's {confirmed['baseline']:.4g} there)")
     if served:
         lines.append(
             f"  serving at {served['rate']:g} requests/s: batches of up to {served['max_batch']}, "

@@ -182,6 +182,15 @@ def test_accuracy_equals_an_independent_evaluation(tmp_path):
     with torch.no_grad():
         correct = sum(int(model(x[i:i + 1]).argmax(-1).item() == y[i].item()) for i in range(203))
     assert got == pytest.approx(correct / 203, abs=1e-12), "padded batches must not change accuracy"
+    # The two parts: even positions select, odd ones confirm, each scored on its own samples.
+    scores = measure.evaluate_parts(model, val, accuracy, batch=64, device=CPU,
+                                    autocast=torch.autocast("cpu", enabled=False))
+    with torch.no_grad():
+        hits = (model(x).argmax(-1) == y).float()
+    assert scores["samples"] == [102, 101]
+    assert scores["selection"] == pytest.approx(hits[0::2].sum().item() / 102, abs=1e-12)
+    assert scores["confirmation"] == pytest.approx(hits[1::2].sum().item() / 101, abs=1e-12)
+    assert scores["selection"] != scores["confirmation"], "two different sets of samples"
 
 
 def test_fixed_batches_cover_every_sample_once_with_a_static_shape():

@@ -150,6 +150,25 @@ def test_slower_warnings_fire_only_when_the_paired_interval_says_so():
     assert "at batch 1 it is 2.00x slower than the baseline (95% interval 1.80-2.20x" in sure
 
 
+def test_the_recommendation_reports_its_accuracy_on_the_part_it_was_not_chosen_on():
+    study = optuna.create_study(directions=objectives.DIRECTIONS, study_name="confirmed")
+    base = {"metrics": BASELINE, "knobs": {}, **result(BASELINE),
+            "confirmation": {"accuracy": 0.88, "samples": [180, 180]}}
+    study.set_user_attr("baseline", base)
+    study.set_user_attr("constraints", Constraints().to_dict())
+    metrics = FRONT["C"]
+    study.add_trial(optuna.trial.create_trial(
+        params={"quantization": "none"}, distributions={"quantization": CategoricalDistribution(["none"])},
+        values=objectives.values(metrics),
+        user_attrs={"result": {**result(metrics), "confirmation": {"accuracy": 0.87, "samples": [180, 180]}}}))
+    rec = recommend.recommend(study, with_importance=False)
+    assert rec.confirmation == {"accuracy": 0.87, "baseline": 0.88, "samples": [180, 180]}
+    shown = report.render_recommendation(rec)
+    assert ("confirmed on the 180 validation samples no choice was made on (the accuracy above is on "
+            "the other 180, where one sample is 0.56 points): 0.87 (-1.00 points against the "
+            "baseline's 0.88 there)") in shown
+
+
 def test_importance_names_the_knob_that_moves_each_objective():
     study = optuna.create_study(directions=objectives.DIRECTIONS)
     study.set_user_attr("baseline", {"metrics": BASELINE, "knobs": {}, **result(BASELINE)})

@@ -36,6 +36,7 @@ def test_default_study_end_to_end(workdir):
     assert "Pareto front:" in result.out and "baseline" in result.out
     assert "x)" in result.out, "objectives are shown as ratios to the baseline"
     assert "timed interleaved with the baseline's model" in result.out
+    assert "confirmed on the 180 validation samples no choice was made on" in result.out
     assert "advisor show --study digits-cnn" in result.out
     assert "Recommended (goal balanced)" in result.out or "Nearest to the constraints" in result.out
     assert "precision=fp16: cpu has no fast fp16 kernels" in result.out
@@ -58,6 +59,7 @@ def test_default_study_end_to_end(workdir):
         assert r["train"]["micro_batches"] == FAST["trial_steps"] * t.params["accumulation"]
         assert r["profile"]["train"] and r["profile"]["inference"]
         assert r["size_bytes"] == pytest.approx(r["metrics"]["size_mib"] * 2**20)
+        assert r["confirmation"]["samples"] == [180, 180] and 0 <= r["confirmation"]["accuracy"] <= 1
         # Each latency ratio was timed against the baseline's model in the trial's process.
         for key in ("latency", "latency_batch1"):
             pair = r["paired"][key]

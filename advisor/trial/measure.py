@@ -322,6 +322,33 @@ def fixed_batches(n: int, batch: int) -> list[tuple[np.ndarray, int]]:
 def evaluate(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int,
              device: torch.device, autocast) -> float:
     """The workload's metric over the whole split, computed on ``model``'s outputs."""
+    outputs, targets = _outputs(model, data, metric, batch=batch, device=device, autocast=autocast)
+    return metric_value(metric, outputs, targets)
+
+
+@torch.no_grad()
+def evaluate_parts(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int,
+                   device: torch.device, autocast) -> dict:
+    """The workload's metric on the split's two parts (``parts``): ``selection``, which the
+    study selects on (constraints, the front, the sampler), and ``confirmation``, which only
+    reports the recommendation's accuracy, so the best of many trials is not judged on the
+    data it was chosen on. ``confirmation`` is None for a split of one sample."""
+    outputs, targets = _outputs(model, data, metric, batch=batch, device=device, autocast=autocast)
+    selection, confirmation = (torch.from_numpy(p) for p in parts(len(data)))
+    return {"selection": metric_value(metric, outputs[selection], targets[selection]),
+            "confirmation": (metric_value(metric, outputs[confirmation], targets[confirmation])
+                             if len(confirmation) else None),
+            "samples": [len(selection), len(confirmation)]}
+
+
+def parts(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split of ``n`` samples in two: the even positions select, the odd ones confirm (a
+    split sorted by class keeps its balance in both)."""
+    return np.arange(0, n, 2), np.arange(1, n, 2)
+
+
+def _outputs(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int,
+             device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     outputs, targets = [], []
     # A metric that needs only part of the logits (the built-in accuracy: their argmax)
     # reduces each batch, so a language model's [samples, tokens, vocabulary] is never held.
@@ -332,4 +359,4 @@ def evaluate(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: in
             out = logits_of(call_model(model, to_device(inputs, device)))
         outputs.append(reduce(out[:real]).cpu())
         targets.append(target[:real])
-    return metric_value(metric, torch.cat(outputs), torch.cat(targets))
+    return torch.cat(outputs), torch.cat(targets)
