@@ -190,12 +190,13 @@ def test_nan_loss_and_a_memory_limit_become_failed_trials_with_their_reasons(wor
     assert "diverged" in shown and "out of memory (--trial-memory-mb 512)" in shown
 
 
-def test_interrupt_marks_the_running_trial_and_keeps_the_study(workdir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_marks_the_running_trial_and_keeps_the_study(signum, workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
     advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)
     study = load("faulty")
     study.enqueue_trial({**KNOBS, "accumulation": 8})  # hangs until interrupted
-    timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signum))
     timer.start()
     try:
         result = advisor.run("workloads:faulty", trials=3, progress=False, **options)

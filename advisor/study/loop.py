@@ -12,7 +12,9 @@ one, ``advisor/report.py``); the loop itself prints nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 import warnings
@@ -138,6 +140,29 @@ def run_trials(loop: Loop, worker_slots: list[Slot]) -> None:
 
     for slot in worker_slots:
         threading.Thread(target=work, args=(slot,), name=f"advisor-worker-{slot.index}", daemon=True).start()
+    with _terminate_as_interrupt():
+        _wait(loop, worker_slots, done)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (what a job scheduler or ``kill`` sends) stops a run as Ctrl-C does: the
+    running trials are stored as interrupted, and nothing stored is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait(loop: Loop, worker_slots: list[Slot], done: threading.Semaphore) -> None:
     # Wait on a semaphore, not Thread.join: a join interrupted by Ctrl-C can leave the thread
     # marked finished on Python 3.11, and a later join would then return at once.
     finished = 0
