@@ -287,6 +287,37 @@ def test_every_offered_compression_option_runs_as_a_trial(name, tmp_path):
     assert len(rows) > 5
 
 
+class Attention(torch.nn.Module):
+    """Attention with dropout passed as Hugging Face passes it: only when training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
+        return self.out(y.transpose(1, 2).flatten(2)).mean(1)
+
+
+def test_a_qat_graph_in_eval_has_no_attention_dropout_and_its_int8_model_is_deterministic():
+    x = torch.randn(4, 6, 16)
+    prepared = quantization.prepare_qat(Attention(), x)
+
+    def attention_dropout():
+        return [n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+                for n in capture.graph_of(prepared).graph.nodes
+                if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+
+    prepared.eval()
+    assert attention_dropout() == [0.0]
+    prepared.train()
+    assert attention_dropout() == [0.5], "the fine-tune still trains with it"
+    deployed = quantization.quantize(prepared, QuantizationConfig("qat-int8"), x)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), deployed(x))
+
+
 def test_a_qat_graph_switched_to_train_keeps_its_dropout_probability():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 3))
     prepared = quantization.prepare_qat(model, torch.randn(4, 8))

@@ -89,28 +89,55 @@ def allow_train_eval(graph: nn.Module) -> None:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     probabilities = [n.args[1] for n in _dropouts(graph)]
+    # Attention dropout is an argument of scaled_dot_product_attention, captured with the
+    # training-mode value (Hugging Face passes ``dropout_p`` only when training): no pattern
+    # switches it, so it is set here, to 0 in eval (else inference is random, and slower).
+    attention = {n: _attention_dropout(n) for n in _attentions(graph)}
     allow_exported_model_train_eval(graph)
     switch_train, switch_eval = graph.train, graph.eval
 
-    def restore() -> None:
+    def restore(training: bool) -> None:
         nodes = _dropouts(graph)
         if len(nodes) == len(probabilities):
             for node, p in zip(nodes, probabilities, strict=True):
                 node.args = (node.args[0], p, *node.args[2:])
-            graph.recompile()
+        for node, p in attention.items():
+            _set_attention_dropout(node, p if training else 0.0)
+        graph.recompile()
 
     def train(self, mode: bool = True):
         switch_train(mode)
-        restore()
+        restore(mode)
         return self
 
     def eval(self):
         switch_eval()
-        restore()
+        restore(False)
         return self
 
     graph.train = types.MethodType(train, graph)
     graph.eval = types.MethodType(eval, graph)
+
+
+_SDPA_DROPOUT = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
+
+
+def _attentions(graph: nn.Module) -> list:
+    return [n for n in graph.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default]
+
+
+def _attention_dropout(node) -> float:
+    if len(node.args) > _SDPA_DROPOUT:
+        return node.args[_SDPA_DROPOUT]
+    return node.kwargs.get("dropout_p", 0.0)
+
+
+def _set_attention_dropout(node, p: float) -> None:
+    if len(node.args) > _SDPA_DROPOUT:
+        node.args = (*node.args[:_SDPA_DROPOUT], p, *node.args[_SDPA_DROPOUT + 1:])
+    elif p or "dropout_p" in node.kwargs:
+        node.kwargs = {**node.kwargs, "dropout_p": p}
 
 
 def _dropouts(graph: nn.Module) -> list:
