@@ -319,6 +319,16 @@ def test_deployable_applies_prune_then_quantize_on_a_copy():
         assert deploy.run(IMAGES).shape == (4, 3)
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
+def test_a_quantized_model_on_cpu_is_deployed_in_default_mode_whatever_the_compile_knob(mode):
+    knobs = Knobs(quantization=mode, compile="max-autotune-no-cudagraphs")
+    deploy = compress.deployable(MLP(width=32).eval(), knobs, torch.randn(4, 8), [torch.randn(4, 8)])
+    assert deploy.info["compile"] == "default" and deploy.info["freezing"]
+    plain = compress.deployable(MLP(width=32).eval(), Knobs(compile="max-autotune-no-cudagraphs"),
+                                torch.randn(4, 8))
+    assert plain.info["compile"] == "max-autotune-no-cudagraphs", "an fp32 model keeps the knob's mode"
+
+
 def test_a_frozen_int8_model_serves_every_padded_batch_size():
     # torch 2.13's dynamic graph (made at the third batch size) failed on frozen PT2E int8
     # convolutions; a serving study runs batches of 1 to 64, so each size must run, and

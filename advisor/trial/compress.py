@@ -93,9 +93,22 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     compile_mode = knobs.config(CompileConfig).mode
     needs_compile = config.pt2e or config.mode in quantization.TORCHAO
     mode = compile_mode if compile_mode != "none" else ("default" if needs_compile else "none")
+    if needs_compile and mode.startswith("max-autotune") and _on_cpu(model):
+        # On CPU, max-autotune's GEMM autotuning fails in inductor's int8 linear lowering
+        # (torch 2.13, int8-dynamic on the zoo's BERT: "LoweringException: KeyError: 'buf81'"
+        # in mkldnn_lowerings.qlinear_unary): a quantized model is deployed in default mode.
+        # The knob still compiles the fine-tune; the result records the mode deployed.
+        mode = "default"
     run = compile_technique.deploy(model, mode) if mode != "none" else model
     if config.input_dtype is not None:
         run = CastInputs(run, config.input_dtype)
     info = {"compile": mode, "freezing": mode != "none", "quantization": config.mode,
             "sparsity": sparsity, **layers}
     return Deployable(module=model, run=run, autocast=config.mode == "none", info=info)
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor is None or tensor.device.type == "cpu"
