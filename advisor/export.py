@@ -31,8 +31,9 @@ SCHEMA = 1
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
         "provenance", "serving")
 REQUIRED = KEYS[:-1]  # "serving" only in configs of serving studies
-SERVING = ("rate", "requests", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
+SERVING = ("rate", "requests", "counted", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
            "throughput_rps", "overload_share", "saturated")
+_MEASURED_SERVING = SERVING[3:]  # copied from the trial's result; "requests" is the study's setting
 PROVENANCE = ("study", "trial", "storage", "completed", "workload", "device", "device_name",
               "torch", "torchao", "advisor", "settings", "measured_at", "exported_at")
 
@@ -65,8 +66,10 @@ def to_dict(rec: Recommendation, study: optuna.Study | StudyRecord, storage_url:
     workload = record.workload
     served = (trial.result or {}).get("serving")
     serving = {} if not served else {"serving": {
-        "requests": record.settings.get("serving_requests"),
-        **{k: served[k] for k in SERVING if k in served}}}
+        "rate": served.get("rate"),
+        "requests": record.settings.get("serving_requests"),  # simulated
+        "counted": served.get("requests"),  # after the warm-up: what p50, p99 and the overload share are over
+        **{k: served[k] for k in _MEASURED_SERVING if k in served}}}
     return {
         "advisor_config": SCHEMA,
         "goal": rec.goal,

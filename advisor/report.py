@@ -17,6 +17,7 @@ import optuna
 
 from advisor import knobs as table_of_knobs
 from advisor import recommend
+from advisor import serving as serving_module
 from advisor.constraints import Constraints
 from advisor.knobs import Knob, Knobs
 from advisor.objectives import CONFIDENCE, OBJECTIVES, paired, ratio
@@ -110,8 +111,10 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     if serving:
         s = record.settings
         out.append(f"Serving: {s['serving_rate']:g} requests/s (Poisson, {s['serving_requests']} "
-                   f"requests on a simulated clock fed by measured batch times); p99 is request "
-                   f"latency including the queue; overload = share of requests later than "
+                   f"requests on a simulated clock, each batch taking one of the times measured "
+                   f"at its size; the first {100 * serving_module.WARMUP:.0f}% are a warm-up, left "
+                   f"out); p99 is request latency including the queue, which holds what the model "
+                   f"serves within the deadline; overload = share of requests dropped or later than "
                    f"{s['serving_deadline_ms']:g} ms; the baseline serves each request alone")
     first = len(columns) + 1
     extra = 3 if serving else 1

@@ -60,22 +60,53 @@ class ServingConfig:
 class ServiceTimes:
     """``service_s`` that measures each distinct batch size once, on first use.
 
-    ``measure(batch_size)`` does the real timing (warm-up, synchronize, repeats, median);
-    ``measured`` holds {batch_size: seconds} for the report.
+    ``measure(batch_size)`` does the real timing (warm-up, synchronize, repeats) and returns
+    the median in seconds, or every timed call's seconds. ``measured`` holds {batch_size:
+    median seconds} for the report. With per-call times, each batch served takes one of them,
+    drawn with the seeded ``rng`` (service-time variance reaches the percentiles); ``median``
+    is what capacity is computed from.
     """
 
-    def __init__(self, measure: Callable[[int], float]) -> None:
+    def __init__(self, measure: Callable[[int], float | Sequence[float]], seed: int = 0) -> None:
         self._measure = measure
         self.measured: dict[int, float] = {}
+        self.samples: dict[int, list[float]] = {}
+        self.rng = np.random.default_rng(seed)
+
+    def _ensure(self, size: int) -> None:
+        if size in self.measured:
+            return
+        seconds = self._measure(size)
+        several = isinstance(seconds, (list, tuple, np.ndarray))
+        # Each time must be a positive finite number of seconds.
+        calls = [_service(lambda _, t=t: t, size) for t in seconds] if several else []
+        self.samples[size] = calls
+        self.measured[size] = float(np.median(calls)) if calls else _service(lambda _: seconds, size)
 
     def __call__(self, batch_size: int) -> float:
         size = _positive_int("batch_size", batch_size)
-        if size not in self.measured:
-            self.measured[size] = _service(self._measure, size)
+        self._ensure(size)
+        calls = self.samples[size]
+        return calls[int(self.rng.integers(len(calls)))] if calls else self.measured[size]
+
+    def median(self, batch_size: int) -> float:
+        size = _positive_int("batch_size", batch_size)
+        self._ensure(size)
         return self.measured[size]
 
     def capacity_rps(self, max_batch: int) -> float:
-        return capacity_rps(self, max_batch)
+        return capacity_rps(self.median, max_batch)
+
+
+WARMUP = 0.1  # the share of a serving study's first requests left out of its statistics
+
+
+def queue_bound(capacity: float, max_batch: int, deadline_ms: float) -> int:
+    """How many requests a server's queue holds: what it serves at full speed within one
+    deadline (at least a full batch). A request arriving behind more would be late anyway;
+    it is dropped and counted, and an overloaded server's p99 stays finite."""
+    return max(_positive_int("max_batch", max_batch),
+               math.ceil(capacity * _non_negative("deadline_ms", deadline_ms) / 1000.0))
 
 
 def bucket(n: int, max_batch: int) -> int:
@@ -122,7 +153,6 @@ def schedule(arrivals: Sequence[float] | np.ndarray, service_s: Callable[[int], 
     n, cap, wait = len(at), config.max_batch, config.max_wait_ms / 1000.0
     done = [math.nan] * n
     sizes: list[int] = []
-    durations: dict[int, float] = {}
     queue: deque[int] = deque()
     free, busy, i = -math.inf, 0.0, 0
     while i < n or queue:
@@ -140,10 +170,9 @@ def schedule(arrivals: Sequence[float] | np.ndarray, service_s: Callable[[int], 
                     t = max(free, at[i])
             i += 1
         size = min(cap, len(queue))
-        if size not in durations:
-            durations[size] = _service(service_s, size)
-        free = t + durations[size]
-        busy += durations[size]
+        duration = _service(service_s, size)  # per batch: a measured service time may vary
+        free = t + duration
+        busy += duration
         sizes.append(size)
         for _ in range(size):
             done[queue.popleft()] = free
@@ -177,15 +206,16 @@ class ServingResult:
 
 def simulate(arrivals: Sequence[float] | np.ndarray, service_s: Callable[[int], float],
              config: ServingConfig, *, queue_limit: int | None = None,
-             deadline_ms: float | None = None) -> ServingResult:
+             deadline_ms: float | None = None, warmup: float = 0.0,
+             typical_s: Callable[[int], float] | None = None) -> ServingResult:
     """Serve ``arrivals`` (seconds, non-decreasing) with one instance behind a dynamic batcher.
 
     Whenever the server is free and the queue is not empty, a batch is dispatched at
     ``t = max(server_free, min(time the queue reaches max_batch, oldest arrival + max_wait))``.
     Requests arriving at or before ``t`` join the queue first (ties count as before the
     dispatch); the batch takes the first ``min(max_batch, queued)`` in arrival order and ends at
-    ``t + service_s(size)``. ``service_s`` must depend on the size alone: it is called once per
-    distinct size, plus once for ``max_batch`` (capacity).
+    ``t + service_s(size)``, called once per batch (a measured service time may vary from batch
+    to batch); ``typical_s`` (default ``service_s``) gives the capacity.
 
     A request that arrives while ``queue_limit`` requests wait (those in service not counted)
     is dropped; None is unbounded. The first request always finds an empty queue, so at least
@@ -195,24 +225,36 @@ def simulate(arrivals: Sequence[float] | np.ndarray, service_s: Callable[[int], 
     arrival: throughput = served / (last completion - first arrival), utilization = busy time
     over that span, offered = (requests - 1) / (last arrival - first arrival), the rate of
     the inter-arrival gaps (infinite when several requests share one instant, 0 for one).
-    capacity = max_batch / service_s(max_batch); saturated = offered > capacity.
+    capacity = max_batch / typical_s(max_batch); saturated = offered > capacity.
     overload_share = (dropped + late) / requests.
+
+    ``warmup``: the share of the first requests (by arrival) simulated but left out of the
+    request counts and latency statistics, so the empty queue at the start does not flatter
+    them (all requests count again if none after it was served); throughput, utilization and
+    the mean batch are over the whole run.
     """
     deadline = None if deadline_ms is None else _non_negative("deadline_ms", deadline_ms)
+    if isinstance(warmup, bool) or not isinstance(warmup, Real) or not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be a share of the requests in [0, 1); got {warmup!r}")
     run = schedule(arrivals, service_s, config, queue_limit=queue_limit)
-    capacity = capacity_rps(service_s, config.max_batch)
-    served_mask = ~np.isnan(run.completion_s)
+    capacity = capacity_rps(typical_s or service_s, config.max_batch)
+    served_all = ~np.isnan(run.completion_s)
+    counted = np.arange(len(run.arrival_s)) >= math.ceil(warmup * len(run.arrival_s))
+    if not (served_all & counted).any():
+        counted[:] = True
+    served_mask = served_all & counted
     latency_ms = (run.completion_s[served_mask] - run.arrival_s[served_mask]) * 1000.0
-    requests, served = len(run.arrival_s), int(served_mask.sum())
+    requests, served = int(counted.sum()), int(served_mask.sum())
     late = 0 if deadline is None else int((latency_ms > deadline).sum())
     first = float(run.arrival_s[0])
     span = float(np.nanmax(run.completion_s)) - first
     gaps = float(run.arrival_s[-1]) - first
-    offered = (requests - 1) / gaps if gaps > 0 else (math.inf if requests > 1 else 0.0)
+    total = len(run.arrival_s)
+    offered = (total - 1) / gaps if gaps > 0 else (math.inf if total > 1 else 0.0)
     p50, p99 = np.percentile(latency_ms, [50, 99], method=PERCENTILE_METHOD)
     return ServingResult(
         requests=requests, served=served, dropped=requests - served, late=late,
         p50_ms=float(p50), p99_ms=float(p99), mean_ms=float(latency_ms.mean()),
-        throughput_rps=served / span, offered_rps=offered, capacity_rps=capacity,
-        utilization=run.busy_s / span, mean_batch=served / len(run.batch_sizes),
+        throughput_rps=int(served_all.sum()) / span, offered_rps=offered, capacity_rps=capacity,
+        utilization=run.busy_s / span, mean_batch=int(served_all.sum()) / len(run.batch_sizes),
         overload_share=(requests - served + late) / requests, saturated=bool(offered > capacity))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from advisor.serving import ServiceTimes, ServingConfig, poisson_arrivals, schedule, simulate
+from advisor.serving import ServiceTimes, ServingConfig, poisson_arrivals, queue_bound, schedule, simulate
 
 EXACT = 1e-9  # ms; the hand-computed values differ from the simulator's only by float rounding
 
@@ -245,3 +245,49 @@ def test_service_times_measure_each_batch_size_once():
     assert calls.count(4) == 1
     with pytest.raises(ValueError, match=r"service_s\(2\) must be a positive finite number of seconds; got nan"):
         ServiceTimes(lambda n: float("nan"))(2)
+
+
+def test_measured_service_times_vary_per_batch_and_reach_the_tail():
+    # Batch 1 measured 97 calls of 1 ms and three of 20 ms: with the median alone every
+    # request takes about 1 ms; drawn per batch, 3% take 20 and p99 shows it.
+    calls = [0.001] * 97 + [0.020] * 3
+    service = ServiceTimes(lambda n: calls, seed=0)
+    config = ServingConfig(max_batch=1, max_wait_ms=0)
+    arrivals = poisson_arrivals(10.0, 4000, seed=1)
+    drawn = simulate(arrivals, service, config, typical_s=service.median)
+    steady = simulate(arrivals, service.median, config)
+    assert steady.p99_ms < 1.5
+    assert drawn.p99_ms >= 20 and drawn.p50_ms == pytest.approx(1.0)
+    assert drawn.capacity_rps == steady.capacity_rps == pytest.approx(1000.0), "capacity from the median"
+    again = simulate(arrivals, ServiceTimes(lambda n: calls, seed=0), config,
+                     typical_s=service.median)
+    assert again == drawn, "the draws are seeded"
+    assert service.measured == {1: 0.001}
+    with pytest.raises(ValueError, match=r"service_s\(1\) must be a positive finite number of seconds; got -1"):
+        ServiceTimes(lambda n: [0.001, -1])(1)
+
+
+def test_warmup_requests_are_simulated_but_not_counted():
+    # Four requests at once, 10 ms each alone: they finish at 10, 20, 30, 40 ms.
+    arrivals = ms(0, 0, 0, 0)
+    config = ServingConfig(max_batch=1, max_wait_ms=0)
+    every = simulate(arrivals, lambda n: 0.010, config)
+    later = simulate(arrivals, lambda n: 0.010, config, warmup=0.5)
+    assert every.requests == 4 and every.p50_ms == pytest.approx(25.0, abs=EXACT)
+    assert later.requests == later.served == 2 and later.p50_ms == pytest.approx(35.0, abs=EXACT)
+    assert later.throughput_rps == every.throughput_rps, "rates are over the whole run"
+    with pytest.raises(ValueError, match=r"warmup must be a share of the requests in \[0, 1\); got 1"):
+        simulate(arrivals, lambda n: 0.010, config, warmup=1)
+
+
+def test_the_queue_holds_what_the_server_serves_within_a_deadline():
+    assert queue_bound(capacity=1000.0, max_batch=8, deadline_ms=100) == 100
+    assert queue_bound(capacity=10.0, max_batch=8, deadline_ms=100) == 8, "at least a full batch"
+    # Overloaded 2x: unbounded, p99 grows with the run; bounded, it stays near the deadline.
+    arrivals = poisson_arrivals(2000.0, 20_000, seed=0)
+    config = ServingConfig(max_batch=1, max_wait_ms=0)
+    unbounded = simulate(arrivals, lambda n: 0.001, config, deadline_ms=100)
+    bounded = simulate(arrivals, lambda n: 0.001, config, deadline_ms=100,
+                       queue_limit=queue_bound(1000.0, 1, 100))
+    assert unbounded.p99_ms > 2000 and bounded.p99_ms <= 102
+    assert bounded.dropped > 0.4 * bounded.requests and bounded.overload_share > 0.4

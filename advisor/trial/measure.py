@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -188,6 +188,7 @@ class Timing:
     p90_ms: float
     reps: int
     first_ms: float  # the first call: compilation and lazy initialization
+    samples_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)  # every timed call
 
     @property
     def spread(self) -> float:
@@ -195,7 +196,8 @@ class Timing:
         return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "spread": self.spread}
+        out = {k: v for k, v in asdict(self).items() if k != "samples_ms"}
+        return {**out, "spread": self.spread}
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
@@ -218,7 +220,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
         times.append(time.perf_counter() - t)
     q = np.percentile(np.array(times) * 1e3, [10, 50, 90])
     return Timing(median_ms=float(q[1]), p10_ms=float(q[0]), p90_ms=float(q[2]),
-                  reps=len(times), first_ms=first * 1e3)
+                  reps=len(times), first_ms=first * 1e3, samples_ms=tuple(t * 1e3 for t in times))
 
 
 @dataclass(frozen=True)

@@ -209,18 +209,22 @@ def measure_serving(infer, val: MappedSplit, batcher: BatcherConfig, settings: S
     the simulation forms (measured once each, on first use, like the latency objective)."""
     timings: dict[int, measure.Timing] = {}
 
-    def time_batch(size: int) -> float:
+    def time_batch(size: int) -> list[float]:
         inputs, _ = val.batch(np.arange(size) % len(val))
         inputs = to_device(inputs, device)
         timings[size] = measure.time_calls(lambda: infer(inputs), device,
                                            budget_s=settings.latency_seconds / 2)
-        return timings[size].median_ms / 1e3
+        return [t / 1e3 for t in timings[size].samples_ms]
 
-    padded = serving.ServiceTimes(time_batch)
+    # Each batch served takes one of the times measured at its padded size (seeded draws).
+    padded = serving.ServiceTimes(time_batch, seed=settings.seed)
     config = batcher.simulated()
     arrivals = serving.poisson_arrivals(settings.serving_rate, settings.serving_requests, settings.seed)
     result = serving.simulate(arrivals, lambda n: padded(serving.bucket(n, config.max_batch)), config,
-                              deadline_ms=settings.serving_deadline_ms)
+                              deadline_ms=settings.serving_deadline_ms, warmup=serving.WARMUP,
+                              queue_limit=serving.queue_bound(padded.capacity_rps(config.max_batch),
+                                                              config.max_batch, settings.serving_deadline_ms),
+                              typical_s=lambda n: padded.median(serving.bucket(n, config.max_batch)))
     return {"result": result, "timings": dict(sorted(timings.items()))}
 
 
