@@ -149,6 +149,18 @@ def test_more_workers_than_gpus_is_refused_before_anything_runs(monkeypatch):
         loop.slots(3, gpu)
 
 
+def test_a_trained_model_with_other_weights_is_another_experiment(workdir, monkeypatch):
+    run = ("run", "--model", "workloads:trained_mlp", "--trials", "1", *FAST_ARGS, *plain_args())
+    assert cli(*run).code == 0
+    monkeypatch.setenv("ADVISOR_TEST_CHECKPOINT", "1")  # same shapes, same parameter count
+    refused = cli(*run)
+    assert refused.code != 0 and "Traceback" not in refused.err
+    assert "the trained model of study 'trained-mlp' has other weights than when it began" in refused.err
+    monkeypatch.setenv("ADVISOR_TEST_CHECKPOINT", "0")
+    assert cli(*run).code == 0, "the same checkpoint goes on"
+    assert len(load("trained-mlp").trials) == 2
+
+
 def test_raise_abort_and_hang_become_failed_trials_and_the_study_goes_on(workdir):
     options = {"storage": storage.DEFAULT_URL, **FAST}
     advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)

@@ -54,6 +54,12 @@ def tensor_mlp() -> advisor.Workload:
     return _workload(MLP(), *data(), name="tensor-mlp")
 
 
+def trained_mlp() -> advisor.Workload:
+    """A trained model: its checkpoint is the one ``ADVISOR_TEST_CHECKPOINT`` seeds."""
+    torch.manual_seed(int(os.environ.get("ADVISOR_TEST_CHECKPOINT", "0")))
+    return _workload(MLP(), *data(), name="trained-mlp", trained=True)
+
+
 def bare_mlp() -> nn.Module:
     torch.manual_seed(0)
     return MLP()

@@ -80,6 +80,12 @@ def check_resume(study_name: str, stored: record.Setup, info: dict, machine: dic
     times, its constraints in milliseconds and the sampler's view of the latency objective
     are only comparable there. Several machines share a study when they are of one kind."""
     old = stored.workload
+    # (a study stored before the weights were recorded is compared on the rest)
+    same_data = old.get("fingerprints") == info["fingerprints"]
+    if "weights" in old and old["weights"] != info.get("weights") and same_data:
+        raise AdvisorError(
+            f"the trained model of study {study_name!r} has other weights than when it began (another "
+            f"checkpoint); its baseline is that model as it was: start a new study with --study NAME")
     if old.get("fingerprints") != info["fingerprints"] or old.get("parameters") != info["parameters"]:
         raise AdvisorError(
             f"the workload of study {study_name!r} changed since it began (its data or model "

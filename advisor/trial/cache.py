@@ -9,6 +9,7 @@ The study process ``prepare``s it once; trial processes only read it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class StudyCache:
             "metric": workload.metric if isinstance(workload.metric, str) else "custom",
             "parameters": sum(p.numel() for p in workload.model.parameters()),
             "train_samples": len(splits["train"]), "fingerprints": fingerprints,
+            # A trained model is the user's checkpoint: a changed one is another experiment.
+            **({"weights": weights_digest(workload.model)} if workload.trained else {}),
             **({"target": workload.target} if workload.target else {}),
             **({"next_token": True} if workload.next_token else {}),
             **({"lengths": {"input": workload.lengths, "width": lengths.width,
@@ -195,3 +198,13 @@ def check_consumable(workload: Workload, splits: dict[str, mapped.MappedSplit]) 
                                        f"{describe_exception(exc)}") from None
     finally:
         model.train(was_training)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of the model's state: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
