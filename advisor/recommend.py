@@ -61,7 +61,8 @@ class Recommendation:
         mine, base = self.result.get("confirmation"), self.baseline_result.get("confirmation")
         if not mine or not base or mine["accuracy"] is None or base["accuracy"] is None:
             return None
-        return {"accuracy": mine["accuracy"], "baseline": base["accuracy"], "samples": mine["samples"]}
+        return {"accuracy": mine["accuracy"], "baseline": base["accuracy"], "samples": mine["samples"],
+                "per_sample": mine.get("per_sample", True)}
 
     def ratios(self) -> dict[str, float | None]:
         """Each objective over the baseline's: the paired ratio where the trial has one."""
@@ -212,8 +213,14 @@ def _warnings(rec: Recommendation, baseline_result: dict) -> list[str]:
     elif b1.get("median_ms") and base_b1.get("median_ms") and b1["median_ms"] > base_b1["median_ms"]:
         out.append(f"at batch 1 it is {b1['median_ms'] / base_b1['median_ms']:.2f}x slower than the "
                    f"baseline ({b1['median_ms']:.3g} vs {base_b1['median_ms']:.3g} ms)")
-    spread = rec.result.get("latency", {}).get("spread", 0.0)
-    if spread > WIDE_SPREAD:
+    if pair is not None:
+        # What the ratio rests on is its interval, not the spread of the absolute times (a
+        # busy machine widens that, and pairing cancels it).
+        width = (pair["high"] - pair["low"]) / pair["ratio"] if pair["ratio"] else 0.0
+        if width > WIDE_SPREAD:
+            out.append(f"its latency ratio's {_interval(pair)} is {100 * width:.0f}% of the ratio: "
+                       f"re-measure before relying on it")
+    elif (spread := rec.result.get("latency", {}).get("spread", 0.0)) > WIDE_SPREAD:
         out.append(f"its latency was measured with a wide spread (p10-p90 is {100 * spread:.0f}% of "
                    f"the median): re-measure before relying on it")
     if rec.completed < FEW_TRIALS:

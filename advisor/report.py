@@ -160,9 +160,10 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
     confirmed = rec.confirmation
     if confirmed is not None:
         selection, held_out = confirmed["samples"]
+        grain = f", where one sample is {100 / selection:.2g} points" if confirmed["per_sample"] else ""
         lines.append(
             f"  confirmed on the {held_out} validation samples no choice was made on (the accuracy "
-            f"above is on the other {selection}, where one sample is {100 / selection:.2g} points): "
+            f"above is on the other {selection}{grain}): "
             f"{confirmed['accuracy']:.4g} ({100 * (confirmed['accuracy'] - confirmed['baseline']):+.2f} "
             f"points against the baseline's {confirmed['baseline']:.4g} there)")
     if served:

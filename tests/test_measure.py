@@ -187,10 +187,24 @@ def test_accuracy_equals_an_independent_evaluation(tmp_path):
                                     autocast=torch.autocast("cpu", enabled=False))
     with torch.no_grad():
         hits = (model(x).argmax(-1) == y).float()
-    assert scores["samples"] == [102, 101]
+    assert scores["samples"] == [102, 101] and scores["per_sample"]
     assert scores["selection"] == pytest.approx(hits[0::2].sum().item() / 102, abs=1e-12)
     assert scores["confirmation"] == pytest.approx(hits[1::2].sum().item() / 101, abs=1e-12)
     assert scores["selection"] != scores["confirmation"], "two different sets of samples"
+
+
+def test_a_per_token_metric_is_scored_by_parts_of_whole_sequences(tmp_path):
+    from advisor.workload import Accuracy
+
+    tokens = torch.randint(0, 5, (9, 6))
+    mapped.materialize(TensorDataset(tokens, tokens), tmp_path / "val", "val")
+    val = mapped.MappedSplit(tmp_path / "val")
+    echo = nn.Embedding(5, 5)
+    echo.weight.data = torch.eye(5)  # predicts each position's own token
+    scores = measure.evaluate_parts(echo, val, Accuracy(), batch=4, device=CPU,
+                                    autocast=torch.autocast("cpu", enabled=False))
+    assert scores["samples"] == [5, 4] and not scores["per_sample"]
+    assert scores["selection"] == scores["confirmation"] == 1.0
 
 
 def test_fixed_batches_cover_every_sample_once_with_a_static_shape():

@@ -145,6 +145,8 @@ def test_slower_warnings_fire_only_when_the_paired_interval_says_so():
 
     unsure = warnings(pair(1.2, 0.95, 1.4), pair(1.1, 0.9, 1.3))  # 12 ms against 10: not sure
     assert "slower to serve" not in unsure and "at batch 1" not in unsure
+    assert "its latency ratio's 95% interval 0.95-1.40x is 38% of the ratio: re-measure" in unsure
+    assert "wide spread" not in unsure, "the absolute times' spread is not what the ratio rests on"
     sure = warnings(pair(1.2, 1.1, 1.3), pair(2.0, 1.8, 2.2))
     assert "its latency is 1.20x the baseline's (95% interval 1.10-1.30x" in sure
     assert "at batch 1 it is 2.00x slower than the baseline (95% interval 1.80-2.20x" in sure
@@ -162,11 +164,14 @@ def test_the_recommendation_reports_its_accuracy_on_the_part_it_was_not_chosen_o
         values=objectives.values(metrics),
         user_attrs={"result": {**result(metrics), "confirmation": {"accuracy": 0.87, "samples": [180, 180]}}}))
     rec = recommend.recommend(study, with_importance=False)
-    assert rec.confirmation == {"accuracy": 0.87, "baseline": 0.88, "samples": [180, 180]}
+    assert rec.confirmation == {"accuracy": 0.87, "baseline": 0.88, "samples": [180, 180], "per_sample": True}
     shown = report.render_recommendation(rec)
     assert ("confirmed on the 180 validation samples no choice was made on (the accuracy above is on "
             "the other 180, where one sample is 0.56 points): 0.87 (-1.00 points against the "
             "baseline's 0.88 there)") in shown
+    # Per-token accuracy (a language model's): a point is not a sample.
+    rec.result["confirmation"]["per_sample"] = False
+    assert "(the accuracy above is on the other 180): 0.87" in report.render_recommendation(rec)
 
 
 def test_importance_names_the_knob_that_moves_each_objective():

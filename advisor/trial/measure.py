@@ -340,7 +340,9 @@ def evaluate_parts(model: nn.Module, data: MappedSplit, metric: MetricFn, *, bat
     return {"selection": metric_value(metric, outputs[selection], targets[selection]),
             "confirmation": (metric_value(metric, outputs[confirmation], targets[confirmation])
                              if len(confirmation) else None),
-            "samples": [len(selection), len(confirmation)]}
+            "samples": [len(selection), len(confirmation)],
+            # One target per sample (a class), or several (a token each): a point is then not a sample.
+            "per_sample": targets.dim() <= 1}
 
 
 def parts(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -148,7 +148,8 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
             "size_mib": size / MIB,
         },
         # The other part of the validation split: only the recommendation's report reads it.
-        "confirmation": {"accuracy": scores["confirmation"], "samples": scores["samples"]},
+        "confirmation": {"accuracy": scores["confirmation"], "samples": scores["samples"],
+                         "per_sample": scores["per_sample"]},
         "latency": latency.to_dict(),
         "latency_batch1": latency_b1.to_dict(),
         **({"paired": paired} if paired else {}),
