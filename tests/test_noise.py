@@ -41,3 +41,27 @@ def test_cpu_load_runs_busy_processes_and_stops_them():
     with noise.cpu_load(2):
         time.sleep(1.0)
     assert cpu_seconds() - before > 0.5, "the children were busy"
+
+
+def _bench_result(latency_ms: float, paired: float | None = None) -> dict:
+    result = {"metrics": {"latency_ms": latency_ms, "memory_mib": 10.0, "size_mib": 1.0, "accuracy": 0.9},
+              "train": {"throughput": 100.0}, "latency": {"spread": 0.1},
+              "latency_batch1": {"median_ms": latency_ms / 8}, "compile_s": 0.0,
+              "compression": {"parameters_after": 1000}}
+    if paired is not None:
+        result["paired"] = {name: {"ratio": paired, "low": paired - 0.02, "high": paired + 0.02}
+                            for name in ("latency", "latency_batch1")}
+    return result
+
+
+def test_the_one_at_a_time_tables_read_the_paired_latency_ratio_not_two_processes_medians():
+    from advisor.bench.knobs import _knob_row
+
+    baseline = _bench_result(8.0)  # measured while the machine was busy
+    row = _knob_row("quantization=int8-static", _bench_result(1.0, paired=0.45), baseline, ok=True)
+    assert row["latency_ms"] == pytest.approx({"value": 1.0, "ratio": 0.45, "low": 0.43, "high": 0.47})
+    assert row["latency_batch1_ms"]["ratio"] == 0.45
+    assert row["size_mib"]["ratio"] == 1.0
+    unpaired = _knob_row("stored before pairing", _bench_result(1.0), baseline, ok=True)
+    assert unpaired["latency_ms"]["ratio"] == 1.0 / 8.0
+    assert _knob_row("baseline", baseline, baseline, ok=True)["latency_ms"]["ratio"] == 1.0

@@ -85,18 +85,21 @@ def label(config: dict) -> str:
 
 
 def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:
-    def pair(value: float, base: float) -> dict:
+    def pair(value: float, base: float, paired: dict | None = None) -> dict:
+        if paired and result is not baseline:  # timed interleaved with the baseline's model
+            return {"value": value, "ratio": paired["ratio"], "low": paired["low"], "high": paired["high"]}
         return {"value": value, "ratio": value / base if base else None}
 
     m, b = result["metrics"], baseline["metrics"]
+    paired = result.get("paired", {})
     return {
         "config": label, "ok": ok,
         "throughput": pair(result["train"]["throughput"], baseline["train"]["throughput"]),
         "memory_mib": pair(m["memory_mib"], b["memory_mib"]),
-        "latency_ms": pair(m["latency_ms"], b["latency_ms"]),
+        "latency_ms": pair(m["latency_ms"], b["latency_ms"], paired.get("latency")),
         "latency_spread": result["latency"]["spread"],
         "latency_batch1_ms": pair(result["latency_batch1"]["median_ms"],
-                                  baseline["latency_batch1"]["median_ms"]),
+                                  baseline["latency_batch1"]["median_ms"], paired.get("latency_batch1")),
         "size_mib": pair(m["size_mib"], b["size_mib"]),
         "compile_s": result["compile_s"],
         "accuracy": m["accuracy"], "accuracy_delta": m["accuracy"] - b["accuracy"],
@@ -126,5 +129,6 @@ def render_knobs(report: dict) -> str:
     hw, s = report["hardware"], report["settings"]
     head = (f"One knob at a time: {report['workload']} on {hw['device']} ({hw['name']}), "
             f"torch {hw['torch_version']}; {s['trial_steps']} fine-tune steps per trial, "
-            f"latency at batch {s['latency_batch']}; ratios to the baseline")
+            f"latency at batch {s['latency_batch']}; ratios to the baseline (latency's paired: timed "
+            f"interleaved with the baseline's model in the trial's process)")
     return head + "\n" + table(cols, rows, right=set(range(1, 8)))

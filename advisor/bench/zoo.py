@@ -81,7 +81,8 @@ def render_zoo(report: dict) -> str:
     if first:
         hw, s = first["hardware"], first["settings"]
         head += (f" ({hw['device']}: {hw['name']}, torch {hw['torch_version']}; {s['trial_steps']} "
-                 f"fine-tune steps, latency at batch {s['latency_batch']})")
+                 f"fine-tune steps, latency at batch {s['latency_batch']}, its ratio paired: timed "
+                 f"interleaved with the baseline's model in the trial's process)")
     return head + "\n" + table(cols, rows, right={3, 4, 5, 6})
 
 
