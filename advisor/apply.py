@@ -4,8 +4,9 @@ their own training loop.
 ``apply`` runs the trial pipeline once more, in this process, with the recorded knobs and
 measurement settings: the baseline (trained with the recorded settings unless the workload
 is trained), prune, fine-tune, quantize, compile, measure. It keeps the deployable model,
-saves it (a ``torch.export`` program where the model allows, else its state dict with the
-knobs), and returns the re-measured figures beside the study's.
+ships it as the file a user runs (``ship.py``: an AOTInductor package of what the trial ran
+compiled, a ``torch.export`` program of what it ran eagerly), measures that file in a fresh
+process, and returns the re-measured figures beside the study's.
 
 ``training_setup`` gives a training loop of the user's own the training-side knobs: the
 autocast context, the grad scaler, the accumulation steps (or the token budget's
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advisor import hardware, space
-from advisor.errors import AdvisorError, first_line
+from advisor import hardware, ship, space
+from advisor.errors import AdvisorError
 from advisor.export import Config
 from advisor.files import CACHE_DIR
 from advisor.knobs import baseline as baseline_knobs
@@ -39,7 +40,7 @@ from advisor.trial import pipeline
 from advisor.trial.cache import StudyCache
 from advisor.trial.process import output_to
 from advisor.trial.spec import Settings, TrialSpec
-from advisor.workload import WorkloadRef, build, call_args, to_device
+from advisor.workload import WorkloadRef, build
 
 
 @dataclass
@@ -48,8 +49,8 @@ class Applied:
     result: dict  # this run's measurements, like a trial's
     baseline: dict  # this run's baseline measurements
     config: Config
-    artifact: Path | None = None
-    artifact_format: str = ""
+    shipped: ship.Shipped | None = None
+    shipped_measured: dict | None = None  # the shipped file, measured in a fresh process
     notes: list[str] = field(default_factory=list)
 
 
@@ -93,8 +94,14 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
     applied = Applied(model=deploy.module, result=result, baseline=baseline, config=config,
                       notes=notes)
     if output is not None:
-        applied.artifact, applied.artifact_format = save(deploy.module, cache.probe_inputs(), Path(output),
-                                                         knobs.to_dict())
+        autocast = knobs.config(PrecisionConfig) if deploy.autocast else PrecisionConfig()
+        with _compiler_cache(cache), output_to(log):
+            applied.shipped = ship.package(deploy, cache.probe_inputs(), Path(output), autocast=autocast,
+                                           variable_length=workload.lengths is not None)
+        applied.shipped_measured = ship.check(applied.shipped, ref, cache.root,
+                                              latency_batch=settings.latency_batch,
+                                              latency_seconds=settings.latency_seconds,
+                                              device=hw.device, threads=spec.threads)
     return applied
 
 
@@ -114,28 +121,6 @@ def _compiler_cache(cache: StudyCache):
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
-
-
-def save(model: nn.Module, inputs, path: Path, knobs: dict) -> tuple[Path, str]:
-    """Save the deployable model: a ``torch.export`` program, or where the model cannot be
-    exported, its state dict with the knobs (``.pt`` beside the asked path)."""
-    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
-    args, kwargs = call_args(to_device(inputs, device))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError as exc:
-        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
-    try:
-        program = torch.export.export(model, args, kwargs)
-        torch.export.save(program, path)
-        return path, "torch.export program (torch.export.load(path).module())"
-    except Exception as exc:
-        first = first_line(exc) or type(exc).__name__
-        fallback = path.with_suffix(".pt")
-        torch.save({"state_dict": model.state_dict(), "knobs": knobs,
-                    "why_not_exported": f"{type(exc).__name__}: {first}"}, fallback)
-        return fallback, f"state dict with the knobs (torch.export failed: {type(exc).__name__}: {first})"
 
 
 @dataclass

@@ -220,8 +220,10 @@ def render_applied(applied) -> str:
         else:
             diff = f"{now / then:.2f}x" if then else "-"
         label = "p99 latency" if o.name == "latency_ms" and "serving" in applied.result else o.label
-        rows.append([f"{label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}",
-                     f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-", diff])
+        pair = paired(applied.result, o.name)  # timed interleaved with the baseline's model
+        versus = (f"{pair['ratio']:.2f}x [{pair['low']:.2f}-{pair['high']:.2f}]" if pair else
+                  f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-")
+        rows.append([f"{label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}", versus, diff])
     lines = [f"Applied {config.knobs.describe()}",
              f"(trial #{trial} of study {config.provenance.get('study')!r}, measured on "
              f"{config.provenance.get('device_name')})",
@@ -234,9 +236,42 @@ def render_applied(applied) -> str:
                      f"waiting at most {served['max_wait_ms']:g} ms (at {served['rate']:g} requests/s "
                      f"now: p99 {served['p99_ms']:.3g} ms, {served['throughput_rps']:.0f} served/s, "
                      f"{100 * served['overload_share']:.1f}% later than {served['deadline_ms']:g} ms)")
-    if applied.artifact is not None:
-        lines.append(f"saved {applied.artifact}: {applied.artifact_format}")
+    if applied.shipped is not None:
+        lines.append(f"saved {applied.shipped.path}: {applied.shipped.describe()}")
+        lines += shipped_lines(applied)
     return "\n".join(lines)
+
+
+def shipped_lines(applied) -> list[str]:
+    """The shipped file as measured in a fresh process, against the model this run measured:
+    the paired latency ratios (each timed interleaved with the baseline's model) and accuracy."""
+    fresh, here = applied.shipped_measured, applied.result
+    if not fresh:
+        return []
+
+    def interval(p: dict) -> str:
+        return f"{p['ratio']:.2f}x [{p['low']:.2f}-{p['high']:.2f}]"
+
+    def inside(a: dict, b: dict) -> bool:  # the two intervals overlap
+        return a["low"] <= b["high"] and b["low"] <= a["high"]
+
+    rows, notes = [], []
+    for key, name in (("latency", "latency (paired ratio)"), ("latency_batch1", "batch-1 latency (paired ratio)")):
+        mine, theirs = here.get("paired", {}).get(key), fresh["paired"][key]
+        rows.append([name, interval(mine) if mine else "-", interval(theirs)])
+        if mine and not inside(mine, theirs):
+            notes.append(f"note: the shipped file's {name.split(' (')[0]} ratio is outside this run's interval")
+    rows.append(["latency ms", f"{here['latency']['median_ms']:.4g}", f"{fresh['latency']['median_ms']:.4g}"])
+    confirmation = here.get("confirmation", {}).get("accuracy")
+    for name, mine, theirs in (("accuracy (selection part)", here["metrics"]["accuracy"], fresh["accuracy"]),
+                               ("accuracy (confirmation part)", confirmation, fresh["confirmation"])):
+        if mine is None or theirs is None:
+            continue
+        rows.append([name, f"{mine:.4f}", f"{theirs:.4f} ({100 * (theirs - mine):+.2f} points)"])
+        if abs(theirs - mine) > 0.002:
+            notes.append(f"note: the shipped file's {name} differs from this run's by more than 0.2 points")
+    head = "The shipped file, loaded in a fresh process as above, against the model this run measured:"
+    return [head, table(["", "this run", "shipped file, fresh process"], rows, right={1, 2}), *notes]
 
 
 def short_result(result: dict) -> str:

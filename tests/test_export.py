@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +17,7 @@ import advisor
 from advisor import api, export, objectives, recommend
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
+from advisor.report import render_applied
 from conftest import FAST, cli
 from test_recommend import BASELINE, result
 from workloads import MLP
@@ -143,11 +147,30 @@ def test_apply_reproduces_the_exported_trial(workdir):
     now, then = applied.result["metrics"], config.measured
     assert abs(now["accuracy"] - then["accuracy"]) <= 0.005, (now, then)
     assert now["size_mib"] == pytest.approx(then["size_mib"], rel=0.01)
-    assert applied.artifact is not None and applied.artifact.exists()
-    assert applied.artifact_format.startswith("torch.export program")
-    program = torch.export.load(applied.artifact).module()
-    with torch.no_grad():
-        assert program(torch.randn(8, 1, 8, 8)).shape == (8, 3)
+    # What ships is what the trial ran: its int8 graph compiled with freezing, as a package
+    # whose weights are stored apart from the code.
+    shipped = applied.shipped
+    assert shipped.format == "aoti" and shipped.path == Path("optimized.pt2") and shipped.path.exists()
+    tensors = {t.untyped_storage().data_ptr(): t for t in applied.model.state_dict().values()}
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    as_fp32 = sum(t.numel() * 4 for t in tensors.values())
+    # Freezing folds what it can (batch norm into the convolutions), and int8 stays int8.
+    assert 0 < shipped.weights_bytes <= stored + 64 * len(tensors) and shipped.weights_bytes < as_fp32 / 2, \
+        (stored, as_fp32, shipped.weights_bytes)
+    assert shipped.file_bytes > shipped.weights_bytes
+    # A user's process loads it with torch alone, at any batch size.
+    code = ("import sys, torch; m = torch._inductor.aoti_load_package('optimized.pt2'); "
+            "print([tuple(m(torch.randn(b, 1, 8, 8)).shape) for b in (1, 8, 64)], "
+            "'torchao' in sys.modules, 'advisor' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split("\n")[-2] == "[(1, 3), (8, 3), (64, 3)] False False"
+    # Measured in a fresh process, it scores what this run's model scored.
+    fresh = applied.shipped_measured
+    assert fresh["accuracy"] == pytest.approx(now["accuracy"], abs=0.002)
+    assert fresh["confirmation"] == pytest.approx(applied.result["confirmation"]["accuracy"], abs=0.002)
+    paired = fresh["paired"]["latency"]
+    assert paired["low"] <= paired["ratio"] <= paired["high"] and paired["rounds"] >= 20
+    assert "The shipped file, loaded in a fresh process" in render_applied(applied)
     # The model removed channels for real and holds int8 weights.
     convs = [t for t in applied.model.state_dict().values() if t.dim() == 4]
     assert convs and all(t.dtype == torch.int8 for t in convs)

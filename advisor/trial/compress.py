@@ -50,6 +50,7 @@ class Deployable:
     run: nn.Module  # what is called: ``module`` compiled, behind an input cast
     autocast: bool  # whether the trial's training precision also autocasts inference
     info: dict = field(default_factory=dict)
+    input_dtype: torch.dtype | None = None  # what ``run`` casts floating-point inputs to
 
 
 class CastInputs(nn.Module):
@@ -104,7 +105,8 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
         run = CastInputs(run, config.input_dtype)
     info = {"compile": mode, "freezing": mode != "none", "quantization": config.mode,
             "sparsity": sparsity, **layers}
-    return Deployable(module=model, run=run, autocast=config.mode == "none", info=info)
+    return Deployable(module=model, run=run, autocast=config.mode == "none", info=info,
+                      input_dtype=config.input_dtype)
 
 
 def _on_cpu(model: nn.Module) -> bool:

@@ -1,0 +1,241 @@
+"""What ``advisor apply -o`` ships, and the check that it is the model the trial measured.
+
+A deployable model the trial ran compiled (every quantized model, and any whose compile knob
+compiles inference) ships as an AOTInductor package: its inference graph exported and compiled
+with inductor's freezing, as the trial compiled it, loaded with torch alone::
+
+    model = torch._inductor.aoti_load_package("optimized.pt2")
+    logits = model(x)
+
+A model the trial ran eagerly ships as its ``torch.export`` program
+(``torch.export.load(path).module()``). Either file holds the trial's inference precision
+(autocast, or the cast of inputs to half-precision weights) and takes any batch size (and,
+on a variable-length workload, any sequence length). A model whose outputs ``torch.export``
+refuses (a Hugging Face cache) is shipped returning its logits. Inputs are positional, in
+the order ``keys`` names for a model that takes keywords (recorded in the package's metadata).
+
+In the AOTInductor package the weights are stored apart from the compiled code (one blob),
+so the bytes they take are read back from the file and shown beside the whole file's
+(compiled code is about 1.5 MB even for a tiny model).
+
+``check`` loads the file in a fresh process, as a user would, and measures it there: its
+latency at the study's latency batch and at batch 1, each paired (timed interleaved) with the
+baseline's model like a trial's, and its accuracy on the validation split's two parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advisor.errors import AdvisorError, first_line
+from advisor.techniques import precision
+from advisor.techniques.precision import PrecisionConfig
+from advisor.trial.compress import CastInputs, Deployable
+from advisor.workload import Inputs, WorkloadRef, call_args, logits_of, to_device
+
+KEYS = "advisor.keys"  # the package metadata entry naming keyword inputs, in order
+
+
+@dataclass
+class Shipped:
+    path: Path
+    format: str  # "aoti" (an AOTInductor package) or "export" (a torch.export program)
+    file_bytes: int
+    weights_bytes: int | None  # the weights' bytes as stored in the file; None where not apart
+    keys: tuple[str, ...]  # keyword inputs, in the positional order the file takes them
+
+    @property
+    def load(self) -> str:
+        """The line that loads it."""
+        if self.format == "aoti":
+            return f'torch._inductor.aoti_load_package("{self.path}")'
+        return f'torch.export.load("{self.path}").module()'
+
+    def describe(self) -> str:
+        kind = "AOTInductor package" if self.format == "aoti" else "torch.export program"
+        weights = (f", weights {self.weights_bytes / 2**20:.3g} MiB of it"
+                   if self.weights_bytes is not None else "")
+        called = f"; call it with ({', '.join(self.keys)})" if self.keys else ""
+        return f"{kind}, {self.file_bytes / 2**20:.3g} MiB{weights}; load: {self.load}{called}"
+
+
+class Inference(nn.Module):
+    """The deployable model as the trial called it, inputs by position: under its autocast,
+    floating-point inputs cast for half-precision weights, and optionally only its logits."""
+
+    def __init__(self, inner: nn.Module, keys: tuple[str, ...], autocast: PrecisionConfig,
+                 device_type: str, logits: bool = False) -> None:
+        super().__init__()
+        self.inner, self.keys, self.autocast, self.device_type = inner, keys, autocast, device_type
+        self.logits = logits
+
+    def forward(self, *values):
+        with precision.autocast(self.autocast, self.device_type):
+            out = self.inner(**dict(zip(self.keys, values, strict=True))) if self.keys else self.inner(*values)
+        return logits_of(out) if self.logits else out
+
+
+def package(deploy: Deployable, inputs: Inputs, path: Path, *, autocast: PrecisionConfig,
+            variable_length: bool = False) -> Shipped:
+    """Write ``deploy`` to ``path`` as the file a user runs; see the module docstring."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
+    device = next((t.device for t in deploy.module.state_dict().values()), torch.device("cpu"))
+    args, kwargs = call_args(to_device(inputs, device))
+    keys = tuple(kwargs)
+    values = tuple(kwargs.values()) if kwargs else args
+    inner = CastInputs(deploy.module, deploy.input_dtype) if deploy.input_dtype else deploy.module
+    program = _export(inner, keys, values, autocast, device.type, variable_length)
+    mode = deploy.info.get("compile", "none")
+    if mode == "none":
+        torch.export.save(program, path)
+        return Shipped(path, "export", path.stat().st_size,
+                       _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys)
+    _compile(program, path, mode, keys)
+    return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys)
+
+
+def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable_length: bool):
+    auto = torch.export.Dim.AUTO
+
+    def dims(value: torch.Tensor) -> dict:
+        return {0: auto, 1: torch.export.Dim.DYNAMIC} if variable_length and value.dim() >= 2 else {0: auto}
+
+    shapes = {"values": tuple(dims(v) for v in values)}
+    with torch.no_grad():
+        try:
+            return torch.export.export(Inference(inner, keys, autocast, device_type), values,
+                                       dynamic_shapes=shapes)
+        except Exception as exc:
+            try:  # outputs export cannot flatten (a cache): the logits only
+                return torch.export.export(Inference(inner, keys, autocast, device_type, logits=True),
+                                           values, dynamic_shapes=shapes)
+            except Exception:
+                raise AdvisorError(f"the optimized model could not be exported for shipping: "
+                                   f"{type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _compile(program, path: Path, mode: str, keys: tuple[str, ...]) -> None:
+    import torch._inductor.config as inductor_config
+    from torch._inductor import aoti_compile_and_package, list_mode_options
+
+    options = {k: v for k, v in (list_mode_options(mode) or {}).items() if "cudagraph" not in k}
+    options.update({"freezing": True, "aot_inductor.metadata": {KEYS: json.dumps(list(keys))}})
+    if hasattr(inductor_config.aot_inductor, "package_constants_on_disk_format"):
+        # The weights in a blob of their own, so their bytes can be read back from the file.
+        options.update({"aot_inductor.package_constants_in_so": False,
+                        "aot_inductor.package_constants_on_disk_format": "binary_blob"})
+    try:
+        aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
+    except Exception as exc:
+        raise AdvisorError(f"AOTInductor could not compile the optimized model for shipping: "
+                           f"{type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _stored_bytes(path: Path, markers: tuple[str, ...]) -> int | None:
+    """The bytes of the tensors stored in the archive: its entries whose names hold one of
+    ``markers``, their JSON indexes aside (None if there are none)."""
+    with zipfile.ZipFile(path) as archive:
+        sizes = [i.file_size for i in archive.infolist()
+                 if any(m in i.filename for m in markers) and not i.filename.endswith(".json")]
+    return sum(sizes) if sizes else None
+
+
+def load(path: str | os.PathLike, format: str):
+    """The shipped model, loaded as its docstring tells a user to."""
+    if format == "aoti":
+        return torch._inductor.aoti_load_package(str(path))
+    return torch.export.load(str(path)).module()
+
+
+class Positional:
+    """A shipped model called like the workload's model (``model(**batch)`` or ``model(x)``)."""
+
+    def __init__(self, model, keys) -> None:
+        self.model, self.keys = model, tuple(keys)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*(kwargs[k] for k in self.keys) if self.keys else args)
+
+
+# -- the check in a fresh process ---------------------------------------------------------------
+
+def check(shipped: Shipped, ref: WorkloadRef, cache_root: Path, *, latency_batch: int,
+          latency_seconds: float, device: str, threads: int, timeout_s: float = 900) -> dict:
+    """Load ``shipped`` in a new Python process and measure it there (``_measure``)."""
+    spec = {"path": str(shipped.path.resolve()), "format": shipped.format, "keys": list(shipped.keys),
+            "ref": asdict(ref), "cache": str(cache_root), "latency_batch": latency_batch,
+            "latency_seconds": latency_seconds, "device": device, "threads": threads}
+    with tempfile.TemporaryDirectory(prefix="advisor-ship-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec))
+        # The workload's modules import as they do here: this process's import path.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            done = subprocess.run([sys.executable, "-m", "advisor.ship", str(spec_file), str(out_file)],
+                                  capture_output=True, text=True, timeout=timeout_s, cwd=ref.cwd, env=env)
+        except subprocess.TimeoutExpired:
+            raise AdvisorError(f"measuring {shipped.path} in a fresh process took over "
+                               f"{timeout_s:.0f} s") from None
+        if done.returncode != 0 or not out_file.exists():
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise AdvisorError(f"{shipped.path} failed in a fresh process: "
+                               f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+        return json.loads(out_file.read_text())
+
+
+def _measure(spec: dict) -> dict:
+    from advisor.trial import measure
+    from advisor.trial.cache import StudyCache
+
+    torch.set_num_threads(spec["threads"])
+    if spec["ref"]["cwd"] not in sys.path:  # the workload's modules, to unpickle its model
+        sys.path.insert(0, spec["ref"]["cwd"])
+    device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device("cpu")
+    cache = StudyCache(Path(spec["cache"]))
+    model, _, metric = cache.load_workload(WorkloadRef(**spec["ref"]))
+    model.load_state_dict(torch.load(cache.baseline_file, map_location=device, weights_only=True))
+    reference = model.to(device).eval().requires_grad_(False)
+    shipped = Positional(load(spec["path"], spec["format"]), spec["keys"])
+    val = cache.split("val")
+    batch = to_device(val.batch(measure.fixed_batches(len(val), spec["latency_batch"])[0][0])[0], device)
+    one = to_device(val.batch(slice(0, 1))[0], device)
+    budget = spec["latency_seconds"]
+
+    def call(model, inputs):
+        args, kwargs = call_args(inputs)
+        return model(*args, **kwargs)
+
+    with torch.no_grad():
+        latency = measure.time_calls(lambda: call(shipped, batch), device, budget_s=budget)
+        paired = measure.time_paired(lambda: call(shipped, batch), lambda: call(reference, batch), device,
+                                     budget_s=budget)
+        paired_b1 = measure.time_paired(lambda: call(shipped, one), lambda: call(reference, one), device,
+                                        budget_s=budget / 2)
+    scores = measure.evaluate_parts(shipped, val, metric, batch=spec["latency_batch"], device=device,
+                                    autocast=contextlib.nullcontext())
+    return {"latency": latency.to_dict(), "paired": {"latency": paired.to_dict(),
+                                                      "latency_batch1": paired_b1.to_dict()},
+            "accuracy": scores["selection"], "confirmation": scores["confirmation"],
+            "samples": scores["samples"]}
+
+
+if __name__ == "__main__":
+    from advisor import logs
+
+    logs.quiet_libraries(os.devnull)
+    Path(sys.argv[2]).write_text(json.dumps(_measure(json.loads(Path(sys.argv[1]).read_text()))))
