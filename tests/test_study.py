@@ -208,12 +208,16 @@ def test_interrupt_marks_the_running_trial_and_keeps_the_study(signum, workdir):
     advisor.run("workloads:faulty", trials=1, progress=False, **plain(), **options)
     study = load("faulty")
     study.enqueue_trial({**KNOBS, "accumulation": 8})  # hangs until interrupted
+    # Ctrl-C raises KeyboardInterrupt, as in an interactive Python, even where this process was
+    # started in the background, which leaves SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signum))
     timer.start()
     try:
         result = advisor.run("workloads:faulty", trials=3, progress=False, **options)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert result.interrupted and result.completed == 0
     last = load("faulty").trials[-1]
     assert last.state == TrialState.FAIL
