@@ -94,6 +94,11 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     if hw:
         out.append(f"Study {record.name!r} on {hw.get('device')} ({hw.get('name')}), "
                    f"torch {hw.get('torch_version')}")
+    given = (baseline or {}).get("as_given")
+    if given:
+        out.append(f"Your trained model as given: accuracy {given['accuracy']:.4g}; the baseline below is "
+                   f"it fine-tuned {record.settings.get('trial_steps')} steps with the default knobs, as "
+                   f"each trial is: {baseline['metrics']['accuracy']:.4g}")
     rows = []
     serving = record.serving is not None
     columns = knob_columns(record.space)

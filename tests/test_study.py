@@ -14,6 +14,7 @@ import torch
 from optuna.trial import TrialState
 
 import advisor
+import workloads
 from advisor import objectives
 from advisor.study import storage
 from conftest import FAST, FAST_ARGS, PLAIN, cli, plain, plain_args
@@ -151,7 +152,16 @@ def test_more_workers_than_gpus_is_refused_before_anything_runs(monkeypatch):
 
 def test_a_trained_model_with_other_weights_is_another_experiment(workdir, monkeypatch):
     run = ("run", "--model", "workloads:trained_mlp", "--trials", "1", *FAST_ARGS, *plain_args())
-    assert cli(*run).code == 0
+    first = cli(*run)
+    assert first.code == 0
+    # Its own accuracy, before the baseline's fine-tune, is reported beside the baseline's.
+    baseline = load("trained-mlp").user_attrs["baseline"]
+    given = baseline["as_given"]["accuracy"]
+    model, val = workloads.trained_mlp().model.eval(), workloads.data()[1]  # computed here apart
+    x, y = val.tensors
+    with torch.no_grad():
+        assert given == pytest.approx((model(x[::2]).argmax(1) == y[::2]).float().mean().item())
+    assert f"Your trained model as given: accuracy {given:.4g}; the baseline below is it fine-tuned" in first.out
     monkeypatch.setenv("ADVISOR_TEST_CHECKPOINT", "1")  # same shapes, same parameter count
     refused = cli(*run)
     assert refused.code != 0 and "Traceback" not in refused.err

@@ -8,6 +8,7 @@ deployable model, which ``advisor apply`` keeps.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 
@@ -67,6 +68,15 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     # PT2E's capture) sees training data only: validation data is what the trial is judged on.
     example, _ = train.batch(measure.fixed_batches(len(train), settings.latency_batch)[0][0])
     example = to_device(example, device)
+
+    as_given = None
+    if spec.role == "baseline" and not spec.train_baseline:
+        # A trained workload's model as given, before the baseline's fine-tune with the default
+        # knobs (which the trials are compared with, like with like): its own accuracy.
+        phase("evaluate")
+        model.eval()
+        as_given = measure.evaluate_parts(model, val, metric, batch=settings.latency_batch, device=device,
+                                          autocast=contextlib.nullcontext())
 
     # The fixed order of trial/compress.py: prune -> fine-tune -> quantize -> compile -> measure.
     phase("prune")
@@ -153,6 +163,8 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         "latency": latency.to_dict(),
         "latency_batch1": latency_b1.to_dict(),
         **({"paired": paired} if paired else {}),
+        **({"as_given": {"accuracy": as_given["selection"], "confirmation": as_given["confirmation"]}}
+           if as_given else {}),
         **({"serving": {**serve["result"].to_dict(), "rate": settings.serving_rate,
                         "deadline_ms": settings.serving_deadline_ms,
                         "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait_ms,
