@@ -57,6 +57,18 @@ def values(metrics: Mapping[str, float]) -> list[float]:
     return [float(metrics[name]) for name in NAMES]
 
 
+def told(result: Mapping, baseline: Mapping[str, float]) -> list[float]:
+    """The values a trial gives Optuna: its measured objectives, with a batch latency taken on
+    the baseline's clock, the paired ratio times the baseline's latency. The sampler then
+    learns from what the front reads (a busy machine while one trial ran moves the trial's own
+    median, not its ratio); the trial's own median stays in its result."""
+    out = values(result["metrics"])
+    pair = paired(result, "latency_ms")
+    if pair is not None and baseline.get("latency_ms"):
+        out[NAMES.index("latency_ms")] = float(baseline["latency_ms"] * pair["ratio"])
+    return out
+
+
 def ratio(value: float, baseline: float) -> float | None:
     """value / baseline, or None where the baseline is zero."""
     return value / baseline if baseline else None

@@ -65,3 +65,15 @@ def test_the_one_at_a_time_tables_read_the_paired_latency_ratio_not_two_processe
     unpaired = _knob_row("stored before pairing", _bench_result(1.0), baseline, ok=True)
     assert unpaired["latency_ms"]["ratio"] == 1.0 / 8.0
     assert _knob_row("baseline", baseline, baseline, ok=True)["latency_ms"]["ratio"] == 1.0
+
+
+def test_optuna_learns_a_trials_latency_on_the_baseline_clock_where_it_has_a_paired_ratio():
+    from advisor import objectives
+
+    baseline = {"accuracy": 0.9, "latency_ms": 8.0, "memory_mib": 10.0, "size_mib": 1.0}
+    result = _bench_result(1.0, paired=0.45)  # its own median read 1.0 ms on a quiet moment
+    told = dict(zip(objectives.NAMES, objectives.told(result, baseline), strict=True))
+    assert told["latency_ms"] == pytest.approx(8.0 * 0.45) and told["size_mib"] == 1.0
+    assert objectives.told(_bench_result(1.0), baseline) == objectives.values(_bench_result(1.0)["metrics"])
+    serving = {**result, "serving": {"p99_ms": 3.0}}  # a simulated p99 has no paired ratio
+    assert dict(zip(objectives.NAMES, objectives.told(serving, baseline), strict=True))["latency_ms"] == 1.0

@@ -242,7 +242,7 @@ def _worker(loop: Loop, slot: Slot) -> None:
                 for key, value in loop.constraints.values(outcome.result["metrics"],
                                                           result.baseline["metrics"]).items():
                     trial.set_constraint(key, value)
-                study.tell(trial, objectives.values(outcome.result["metrics"]))
+                study.tell(trial, objectives.told(outcome.result, result.baseline["metrics"]))
                 result.completed += 1
             else:
                 study.tell(trial, state=TrialState.FAIL)
