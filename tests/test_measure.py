@@ -36,22 +36,6 @@ class Repeated(nn.Module):
         return y
 
 
-@torch.no_grad()
-def test_latency_of_a_twice_as_slow_model_measures_about_twice():
-    # One intra-op thread: with two on a 2-core machine, any other busy process makes OpenMP
-    # workers spin-wait. Timed apart, in two windows, the ratio swung from 1.35x to 3.9x beside
-    # a busy process (CI, 7 pairs of windows); timed interleaved, call by call, as a trial
-    # times itself against the baseline, the load hits both sides of each round alike.
-    torch.set_num_threads(1)
-    x = torch.randn(256, 384)
-    once, twice = Repeated(1), Repeated(2)
-    fast = measure.time_calls(lambda: once(x), CPU, budget_s=0.1)
-    assert fast.p10_ms <= fast.median_ms <= fast.p90_ms and fast.reps >= 10
-    paired = measure.time_paired(lambda: twice(x), lambda: once(x), CPU, budget_s=0.5, min_rounds=40)
-    assert paired.low <= paired.ratio <= paired.high
-    assert 1.6 < paired.ratio < 2.5, f"2x the work: {paired.ratio:.2f}x [{paired.low:.2f}-{paired.high:.2f}]"
-
-
 class LoadedMachine:
     """A fake clock and two fake models, ``cost`` seconds each per call, on a machine whose
     load multiplies every call's time by ``load(now)``: what pairing must see through."""
@@ -94,11 +78,17 @@ def test_a_paired_interval_is_wide_when_the_rounds_disagree_and_holds_the_truth(
 
 @torch.no_grad()
 def test_a_paired_ratio_of_real_models_on_this_machine():
+    # One intra-op thread: with two on a 2-core machine, any other busy process makes OpenMP
+    # workers spin-wait. Twice the work timed apart (time_calls, in two windows) swung from
+    # 1.35x to 3.9x beside a busy process in CI; timed interleaved, call by call, the load hits
+    # both sides of each round alike (1.83-1.87x beside a zoo benchmark).
     torch.set_num_threads(1)
     x = torch.randn(256, 384)
     once, twice = Repeated(1), Repeated(2)
+    fast = measure.time_calls(lambda: once(x), CPU, budget_s=0.1)
+    assert fast.p10_ms <= fast.median_ms <= fast.p90_ms and fast.reps >= 10
     pair = measure.time_paired(lambda: twice(x), lambda: once(x), CPU, budget_s=0.3)
-    assert 1.7 < pair.ratio < 2.3 and pair.low <= pair.ratio <= pair.high, pair
+    assert 1.6 < pair.ratio < 2.4 and pair.low <= pair.ratio <= pair.high, pair
 
 
 def test_state_counts_the_weight_unstructured_pruning_derives_at_each_forward():
