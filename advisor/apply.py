@@ -64,6 +64,8 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         raise AdvisorError("the config names no workload; pass --model MODULE:FUNCTION")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise AdvisorError(f"--steps must be a positive integer; got {steps!r}")
+    if output is not None:
+        ship.writable(Path(output))
     hw = hardware.detect(device)
     ref = WorkloadRef(model=model, data=data or recorded.get("data"), cwd=os.getcwd())
     workload = build(ref)
@@ -97,11 +99,13 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         autocast = knobs.config(PrecisionConfig) if deploy.autocast else PrecisionConfig()
         with _compiler_cache(cache), output_to(log):
             applied.shipped = ship.package(deploy, cache.probe_inputs(), Path(output), autocast=autocast,
-                                           variable_length=workload.lengths is not None)
-        applied.shipped_measured = ship.check(applied.shipped, ref, cache.root,
-                                              latency_batch=settings.latency_batch,
-                                              latency_seconds=settings.latency_seconds,
-                                              device=hw.device, threads=spec.threads)
+                                           variable_length=workload.lengths is not None,
+                                           knobs=knobs.to_dict())
+        if applied.shipped.format != "state_dict":
+            applied.shipped_measured = ship.check(applied.shipped, ref, cache.root,
+                                                  latency_batch=settings.latency_batch,
+                                                  latency_seconds=settings.latency_seconds,
+                                                  device=hw.device, threads=spec.threads)
     return applied
 
 

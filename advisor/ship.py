@@ -54,15 +54,20 @@ class Shipped:
     file_bytes: int
     weights_bytes: int | None  # the weights' bytes as stored in the file; None where not apart
     keys: tuple[str, ...]  # keyword inputs, in the positional order the file takes them
+    why_not: str = ""  # format "state_dict": why the model could not be exported or compiled
 
     @property
     def load(self) -> str:
         """The line that loads it."""
         if self.format == "aoti":
             return f'torch._inductor.aoti_load_package("{self.path}")'
+        if self.format == "state_dict":
+            return f'torch.load("{self.path}")["state_dict"], into your model rebuilt with the knobs'
         return f'torch.export.load("{self.path}").module()'
 
     def describe(self) -> str:
+        if self.format == "state_dict":
+            return f"its state dict with the knobs ({self.why_not}); load: {self.load}"
         kind = "AOTInductor package" if self.format == "aoti" else "torch.export program"
         weights = (f", weights {self.weights_bytes / 2**20:.3g} MiB of it"
                    if self.weights_bytes is not None else "")
@@ -87,26 +92,41 @@ class Inference(nn.Module):
 
 
 def package(deploy: Deployable, inputs: Inputs, path: Path, *, autocast: PrecisionConfig,
-            variable_length: bool = False) -> Shipped:
-    """Write ``deploy`` to ``path`` as the file a user runs; see the module docstring."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError as exc:
-        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
+            variable_length: bool = False, knobs: dict | None = None) -> Shipped:
+    """Write ``deploy`` to ``path`` as the file a user runs; see the module docstring. A model
+    that cannot be exported or compiled is saved as its state dict with ``knobs`` (``.pt``)."""
+    writable(path)
     device = next((t.device for t in deploy.module.state_dict().values()), torch.device("cpu"))
     args, kwargs = call_args(to_device(inputs, device))
     keys = tuple(kwargs)
     values = tuple(kwargs.values()) if kwargs else args
     inner = CastInputs(deploy.module, deploy.input_dtype) if deploy.input_dtype else deploy.module
-    program = _export(inner, keys, values, autocast, device.type, variable_length)
     mode = deploy.info.get("compile", "none")
-    if mode == "none":
-        torch.export.save(program, path)
-        return Shipped(path, "export", path.stat().st_size,
-                       _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys)
-    _compile(program, path, mode, keys)
-    return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys)
+    try:
+        program = _export(inner, keys, values, autocast, device.type, variable_length)
+        if mode == "none":
+            torch.export.save(program, path)
+            return Shipped(path, "export", path.stat().st_size,
+                           _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys)
+        _compile(program, path, mode, keys)
+        return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys)
+    except AdvisorError as exc:
+        # The run's model is not lost: its weights, beside the asked path, with the knobs.
+        fallback = path.with_suffix(".pt")
+        torch.save({"state_dict": deploy.module.state_dict(), "knobs": knobs, "why_not_exported": str(exc)},
+                   fallback)
+        if fallback != path:
+            path.unlink(missing_ok=True)
+        return Shipped(fallback, "state_dict", fallback.stat().st_size, None, keys, why_not=str(exc))
+
+
+def writable(path: Path) -> None:
+    """Refuse, with one line, a path the file cannot be written to (before a run, not after)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise AdvisorError(f"cannot write {path}: {exc.strerror or exc}; choose another -o PATH") from None
 
 
 def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable_length: bool):
@@ -125,8 +145,7 @@ def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable
                 return torch.export.export(Inference(inner, keys, autocast, device_type, logits=True),
                                            values, dynamic_shapes=shapes)
             except Exception:
-                raise AdvisorError(f"the optimized model could not be exported for shipping: "
-                                   f"{type(exc).__name__}: {first_line(exc)}") from None
+                raise AdvisorError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _compile(program, path: Path, mode: str, keys: tuple[str, ...]) -> None:
@@ -142,8 +161,7 @@ def _compile(program, path: Path, mode: str, keys: tuple[str, ...]) -> None:
     try:
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
     except Exception as exc:
-        raise AdvisorError(f"AOTInductor could not compile the optimized model for shipping: "
-                           f"{type(exc).__name__}: {first_line(exc)}") from None
+        raise AdvisorError(f"AOTInductor failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _stored_bytes(path: Path, markers: tuple[str, ...]) -> int | None:

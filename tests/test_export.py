@@ -142,6 +142,8 @@ def test_apply_reproduces_the_exported_trial(workdir):
                 enqueue=[COMPRESSED], max_accuracy_drop=50.0, **FAST)
     text, path = api.export(output="recommended.yaml")
     assert "Recommended (goal balanced): #0" in text
+    refused = cli("apply", "recommended.yaml", "-o", "/proc/advisor/optimized.pt2")  # before any work
+    assert refused.code == 2 and refused.err.startswith("advisor: error: cannot write /proc/advisor/optimized.pt2")
     applied = advisor.apply(path, output="optimized.pt2")
     config = applied.config
     now, then = applied.result["metrics"], config.measured

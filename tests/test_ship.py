@@ -99,3 +99,24 @@ def test_the_apply_report_says_when_the_shipped_file_is_not_what_the_run_measure
     assert notes == ["note: the shipped file's latency ratio is outside this run's interval",
                      "note: the shipped file's accuracy (confirmation part) differs from this run's by "
                      "more than 0.2 points"]
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)  # torch.export cannot capture this
+
+
+def test_a_model_export_refuses_is_saved_as_its_state_dict_with_the_knobs_and_why(tmp_path):
+    model = DataDependent()
+    shipped = ship.package(_deployable(model), torch.randn(3, 4), tmp_path / "m.pt2", autocast=PrecisionConfig(),
+                           knobs={"quantization": "none"})
+    assert shipped.format == "state_dict" and shipped.path == tmp_path / "m.pt"
+    assert not (tmp_path / "m.pt2").exists()
+    assert shipped.why_not.startswith("torch.export failed: ") and shipped.why_not in shipped.describe()
+    saved = torch.load(shipped.path, weights_only=True)
+    assert saved["knobs"] == {"quantization": "none"} and saved["why_not_exported"] == shipped.why_not
+    assert torch.equal(saved["state_dict"]["linear.weight"], model.linear.weight)
