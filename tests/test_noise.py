@@ -77,3 +77,18 @@ def test_optuna_learns_a_trials_latency_on_the_baseline_clock_where_it_has_a_pai
     assert objectives.told(_bench_result(1.0), baseline) == objectives.values(_bench_result(1.0)["metrics"])
     serving = {**result, "serving": {"p99_ms": 3.0}}  # a simulated p99 has no paired ratio
     assert dict(zip(objectives.NAMES, objectives.told(serving, baseline), strict=True))["latency_ms"] == 1.0
+
+
+def test_the_zoo_table_shows_a_paired_latency_ratio_with_its_interval():
+    from advisor.bench.knobs import _knob_row
+    from advisor.bench.zoo import render_zoo
+
+    baseline = _bench_result(8.0)
+    rows = [_knob_row("baseline (fp32 eager)", baseline, baseline, ok=True),
+            _knob_row("compile=default", _bench_result(2.0, paired=0.5), baseline, ok=True)]
+    hardware = {"device": "cpu", "name": "a CPU", "torch_version": "2.13"}
+    report = {"models": [{"model": "bert", "rows": rows, "excluded": [], "hardware": hardware,
+                          "settings": {"trial_steps": 30, "latency_batch": 32}}]}
+    text = render_zoo(report)
+    assert "2 (0.50x, 0.48-0.52)" in text and "its ratio paired" in text
+    assert "1 (1.00x)" in text, "size: a plain ratio"

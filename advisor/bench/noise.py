@@ -131,7 +131,8 @@ def render(report: dict) -> str:
     head = (f"Latency ratios to the baseline under noise: {report['workload']} on {hw.get('device')} "
             f"({hw.get('name')}), torch {hw.get('torch_version')}; {report['repeats']} trials per "
             f"configuration quiet, then {report['repeats']} with {report['load_processes']} busy "
-            f"processes on the same cores; latency at batch {s['latency_batch']}; median of the "
+            f"processes on the same cores; {hw.get('threads', '?')} threads per trial; latency at batch "
+            f"{s['latency_batch']}; median of the "
             f"repeats (coefficient of variation); unpaired = the trial's median over the baseline's, "
             f"measured once before the quiet trials")
     lines = [head, table(cols, rows, right=set(range(1, 7)))]

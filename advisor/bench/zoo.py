@@ -88,7 +88,11 @@ def render_zoo(report: dict) -> str:
 
 def _cell(pair: dict, base: bool, fmt: str = ".3g") -> str:
     text = f"{pair['value']:{fmt}}"
-    return text if base or pair["ratio"] is None else f"{text} ({pair['ratio']:.2f}x)"
+    if base or pair["ratio"] is None:
+        return text
+    if "low" in pair:  # a paired ratio, with its interval
+        return f"{text} ({pair['ratio']:.2f}x, {pair['low']:.2f}-{pair['high']:.2f})"
+    return f"{text} ({pair['ratio']:.2f}x)"
 
 
 def _notes(c: dict) -> str:

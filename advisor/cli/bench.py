@@ -114,6 +114,7 @@ def register(sub) -> None:
     n.add_argument("--trial-steps", type=int, default=20, metavar="N",
                    help="fine-tune steps per trial (default 20: latency does not depend on them)")
     n.add_argument("--latency-seconds", type=float, metavar="S", help="timing budget per latency")
+    n.add_argument("--threads", type=int, metavar="N", help="CPU threads per trial (default: all usable cores)")
     n.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
     n.add_argument("--json", default="studies/bench-noise.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-noise.json)")
@@ -142,11 +143,12 @@ def zoo(args: argparse.Namespace) -> int:
 
 
 def noise(args: argparse.Namespace) -> int:
-    for flag, value in (("--repeats", args.repeats), ("--load", args.load), ("--trial-steps", args.trial_steps)):
+    for flag, value in (("--repeats", args.repeats), ("--load", args.load), ("--trial-steps", args.trial_steps),
+                        ("--threads", args.threads)):
         if value is not None and value < 1:
             raise AdvisorError(f"{flag} must be a positive integer; got {value}")
-    settings = {k: v for k, v in (("trial_steps", args.trial_steps),
-                                  ("latency_seconds", args.latency_seconds)) if v is not None}
+    settings = {k: v for k, v in (("trial_steps", args.trial_steps), ("latency_seconds", args.latency_seconds),
+                                  ("threads", args.threads)) if v is not None}
     report = noise_bench.noise(args.model, args.device, repeats=args.repeats, load_processes=args.load,
                                trial_timeout=args.trial_timeout, progress=Progress, **settings)
     print(noise_bench.render(report))
