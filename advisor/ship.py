@@ -2,7 +2,8 @@
 
 A deployable model the trial ran compiled (every quantized model, and any whose compile knob
 compiles inference) ships as an AOTInductor package: its inference graph exported and compiled
-with inductor's freezing, as the trial compiled it, loaded with torch alone::
+with inductor's freezing (PT2E int8 as dequantize + fp32 kernels: see ``_compile``), loaded
+with torch alone::
 
     model = torch._inductor.aoti_load_package("optimized.pt2")
     logits = model(x)
