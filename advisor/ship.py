@@ -106,7 +106,10 @@ def package(deploy: Deployable, inputs: Inputs, path: Path, *, autocast: Precisi
     try:
         program = _export(inner, keys, values, autocast, device.type, variable_length)
         if mode == "none":
-            torch.export.save(program, path)
+            try:
+                torch.export.save(program, path)
+            except Exception as exc:
+                raise AdvisorError(f"torch.export.save failed: {type(exc).__name__}: {first_line(exc)}") from None
             return Shipped(path, "export", path.stat().st_size,
                            _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys)
         _compile(program, path, mode, keys)
