@@ -226,7 +226,7 @@ def render_applied(applied) -> str:
             diff = f"{now / then:.2f}x" if then else "-"
         label = "p99 latency" if o.name == "latency_ms" and "serving" in applied.result else o.label
         pair = paired(applied.result, o.name)  # timed interleaved with the baseline's model
-        versus = (f"{pair['ratio']:.2f}x [{pair['low']:.2f}-{pair['high']:.2f}]" if pair else
+        versus = (paired_ratio(pair) if pair else
                   f"{ratio(now, base):.2f}x" if ratio(now, base) is not None else "-")
         rows.append([f"{label} {o.unit}".strip(), f"{base:.4g}", f"{then:.4g}", f"{now:.4g}", versus, diff])
     lines = [f"Applied {config.knobs.describe()}",
@@ -247,6 +247,11 @@ def render_applied(applied) -> str:
     return "\n".join(lines)
 
 
+def paired_ratio(pair: dict) -> str:
+    """``0.45x [0.43-0.47]``: a paired ratio and its interval."""
+    return f"{pair['ratio']:.2f}x [{pair['low']:.2f}-{pair['high']:.2f}]"
+
+
 def shipped_lines(applied) -> list[str]:
     """The shipped file as measured in a fresh process, against the model this run measured:
     the paired latency ratios (each timed interleaved with the baseline's model) and accuracy."""
@@ -254,16 +259,13 @@ def shipped_lines(applied) -> list[str]:
     if not fresh:
         return []
 
-    def interval(p: dict) -> str:
-        return f"{p['ratio']:.2f}x [{p['low']:.2f}-{p['high']:.2f}]"
-
     def inside(a: dict, b: dict) -> bool:  # the two intervals overlap
         return a["low"] <= b["high"] and b["low"] <= a["high"]
 
     rows, notes = [], []
     for key, name in (("latency", "latency (paired ratio)"), ("latency_batch1", "batch-1 latency (paired ratio)")):
         mine, theirs = here.get("paired", {}).get(key), fresh["paired"][key]
-        rows.append([name, interval(mine) if mine else "-", interval(theirs)])
+        rows.append([name, paired_ratio(mine) if mine else "-", paired_ratio(theirs)])
         if mine and not inside(mine, theirs):
             notes.append(f"note: the shipped file's {name.split(' (')[0]} ratio is outside this run's interval")
     rows.append(["latency ms", f"{here['latency']['median_ms']:.4g}", f"{fresh['latency']['median_ms']:.4g}"])

@@ -43,7 +43,7 @@ from advisor.errors import AdvisorError, first_line
 from advisor.techniques import precision
 from advisor.techniques.precision import PrecisionConfig
 from advisor.trial.compress import CastInputs, Deployable
-from advisor.workload import Inputs, WorkloadRef, call_args, logits_of, to_device
+from advisor.workload import Inputs, WorkloadRef, call_args, call_model, logits_of, to_device
 
 KEYS = "advisor.keys"  # the package metadata entry naming keyword inputs, in order
 
@@ -228,39 +228,32 @@ def check(shipped: Shipped, ref: WorkloadRef, cache_root: Path, *, latency_batch
 
 
 def _measure(spec: dict) -> dict:
-    from advisor.trial import measure
+    """The shipped file's latency (paired with the baseline's model, as a trial's) and
+    accuracy, on the study cache's data: what a new process that loads it measures."""
+    from advisor.trial import measure, pipeline
     from advisor.trial.cache import StudyCache
 
     torch.set_num_threads(spec["threads"])
     if spec["ref"]["cwd"] not in sys.path:  # the workload's modules, to unpickle its model
         sys.path.insert(0, spec["ref"]["cwd"])
     device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device("cpu")
-    cache = StudyCache(Path(spec["cache"]))
-    model, _, metric = cache.load_workload(WorkloadRef(**spec["ref"]))
-    model.load_state_dict(torch.load(cache.baseline_file, map_location=device, weights_only=True))
-    reference = model.to(device).eval().requires_grad_(False)
+    cache, ref = StudyCache(Path(spec["cache"])), WorkloadRef(**spec["ref"])
+    _, _, metric = cache.load_workload(ref)
     shipped = Positional(load(spec["path"], spec["format"]), spec["keys"])
     val = cache.split("val")
-    batch = to_device(val.batch(measure.fixed_batches(len(val), spec["latency_batch"])[0][0])[0], device)
-    one = to_device(val.batch(slice(0, 1))[0], device)
-    budget = spec["latency_seconds"]
+    batch, one = pipeline.latency_inputs(val, spec["latency_batch"], device)
 
-    def call(model, inputs):
-        args, kwargs = call_args(inputs)
-        return model(*args, **kwargs)
+    @torch.no_grad()
+    def infer(inputs=batch):
+        return call_model(shipped, inputs)
 
-    with torch.no_grad():
-        latency = measure.time_calls(lambda: call(shipped, batch), device, budget_s=budget)
-        paired = measure.time_paired(lambda: call(shipped, batch), lambda: call(reference, batch), device,
-                                     budget_s=budget)
-        paired_b1 = measure.time_paired(lambda: call(shipped, one), lambda: call(reference, one), device,
-                                        budget_s=budget / 2)
+    latency = measure.time_calls(infer, device, budget_s=spec["latency_seconds"])
+    paired = pipeline.paired_latency(infer, pipeline.reference_model(cache, ref, device), batch, one, device,
+                                     spec["latency_seconds"])
     scores = measure.evaluate_parts(shipped, val, metric, batch=spec["latency_batch"], device=device,
                                     autocast=contextlib.nullcontext())
-    return {"latency": latency.to_dict(), "paired": {"latency": paired.to_dict(),
-                                                      "latency_batch1": paired_b1.to_dict()},
-            "accuracy": scores["selection"], "confirmation": scores["confirmation"],
-            "samples": scores["samples"]}
+    return {"latency": latency.to_dict(), "paired": paired, "accuracy": scores["selection"],
+            "confirmation": scores["confirmation"], "samples": scores["samples"]}
 
 
 if __name__ == "__main__":

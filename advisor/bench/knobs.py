@@ -86,7 +86,7 @@ def label(config: dict) -> str:
 
 def _knob_row(label: str, result: dict, baseline: dict, *, ok: bool) -> dict:
     def pair(value: float, base: float, paired: dict | None = None) -> dict:
-        if paired and result is not baseline:  # timed interleaved with the baseline's model
+        if paired:  # timed interleaved with the baseline's model (the baseline itself has none)
             return {"value": value, "ratio": paired["ratio"], "low": paired["low"], "high": paired["high"]}
         return {"value": value, "ratio": value / base if base else None}
 

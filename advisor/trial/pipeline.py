@@ -27,11 +27,12 @@ from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
 from advisor.techniques.quantization import QuantizationConfig
 from advisor.trial import compress, measure, profile
+from advisor.trial.cache import StudyCache
 from advisor.trial.mapped import MappedSplit
 from advisor.trial.measure import MIB, MemoryMeter
 from advisor.trial.spec import Settings, TrialSpec
 from advisor.trial.train import Trainer, fine_tune, training_memory
-from advisor.workload import call_model, to_device
+from advisor.workload import WorkloadRef, call_model, to_device
 
 
 def run(spec: TrialSpec, phase) -> dict:
@@ -59,10 +60,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         model.load_state_dict(torch.load(cache.baseline_file, map_location=device, weights_only=True))
 
     precision_cfg = knobs.config(PrecisionConfig)
-    batch, _ = val.batch(measure.fixed_batches(len(val), settings.latency_batch)[0][0])
-    batch = to_device(batch, device)
-    one, _ = val.batch(slice(0, 1))
-    one = to_device(one, device)
+    batch, one = latency_inputs(val, settings.latency_batch, device)
 
     # What shapes or sets the model (pruning's trace, QAT's first forward and its observers,
     # PT2E's capture) sees training data only: validation data is what the trial is judged on.
@@ -70,7 +68,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     example = to_device(example, device)
 
     as_given = None
-    if spec.role == "baseline" and not spec.train_baseline:
+    if spec.role == "baseline" and spec.trained:
         # A trained workload's model as given, before the baseline's fine-tune with the default
         # knobs (which the trials are compared with, like with like): its own accuracy.
         phase("evaluate")
@@ -116,7 +114,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     paired = {}
     if spec.role != "baseline":
         phase("paired")
-        paired = paired_latency(infer, reference_model(spec, device), batch, one, device,
+        paired = paired_latency(infer, reference_model(spec.cache, spec.ref, device), batch, one, device,
                                 settings.latency_seconds)
 
     serve = None
@@ -193,11 +191,19 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     return result, deploy
 
 
-def reference_model(spec: TrialSpec, device: torch.device) -> torch.nn.Module:
+def latency_inputs(val: MappedSplit, latency_batch: int, device: torch.device) -> tuple:
+    """The inputs latency is timed on: the validation split's first batch of ``latency_batch``
+    samples, and its first sample alone (batch 1)."""
+    batch, _ = val.batch(measure.fixed_batches(len(val), latency_batch)[0][0])
+    one, _ = val.batch(slice(0, 1))
+    return to_device(batch, device), to_device(one, device)
+
+
+def reference_model(cache: StudyCache, ref: WorkloadRef, device: torch.device) -> torch.nn.Module:
     """The baseline's deployable model: the workload's model with the baseline's weights, fp32
     and eager (``knobs.baseline``), as the baseline run measured it."""
-    model, _, _ = spec.cache.load_workload(spec.ref)
-    model.load_state_dict(torch.load(spec.cache.baseline_file, map_location=device, weights_only=True))
+    model, _, _ = cache.load_workload(ref)
+    model.load_state_dict(torch.load(cache.baseline_file, map_location=device, weights_only=True))
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -85,6 +85,7 @@ class TrialSpec:
     knobs: Knobs = field(default_factory=Knobs)
     env: tuple[tuple[str, str], ...] = ()  # environment of the trial (the compiler cache)
     train_baseline: bool = False  # role "baseline": train before measuring
+    trained: bool = False  # Workload.trained: the baseline also evaluates the model as given
     spawned_at: float = 0.0  # wall clock when the parent started the process
     keep: tuple[str, ...] = ()  # layers pruning must leave whole (Workload.keep)
     memory_limit_mb: float | None = None  # --trial-memory-mb: see process.limit_memory
@@ -98,7 +99,7 @@ class TrialSpec:
                ("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"))
         return cls(settings=settings, cache=cache, ref=ref, batch_size=workload.batch_size,
                    device=device, threads=threads, env=env, keep=workload.keep,
-                   lengths=workload.lengths, memory_limit_mb=memory_limit_mb)
+                   lengths=workload.lengths, memory_limit_mb=memory_limit_mb, trained=workload.trained)
 
     def baseline(self, knobs: Knobs, train: bool, cpus: tuple[int, ...] = (),
                  env: tuple[tuple[str, str], ...] = ()) -> TrialSpec:
