@@ -56,6 +56,7 @@ class Shipped:
     weights_bytes: int | None  # the weights' bytes as stored in the file; None where not apart
     keys: tuple[str, ...]  # keyword inputs, in the positional order the file takes them
     why_not: str = ""  # format "state_dict": why the model could not be exported or compiled
+    length: int | None = None  # a variable-length workload's sequence length the file is fixed to
 
     @property
     def load(self) -> str:
@@ -73,7 +74,8 @@ class Shipped:
         weights = (f", weights {self.weights_bytes / 2**20:.3g} MiB of it"
                    if self.weights_bytes is not None else "")
         called = f"; call it with ({', '.join(self.keys)})" if self.keys else ""
-        return f"{kind}, {self.file_bytes / 2**20:.3g} MiB{weights}; load: {self.load}{called}"
+        fixed = f", padded to length {self.length}" if self.length is not None else ""
+        return f"{kind}, {self.file_bytes / 2**20:.3g} MiB{weights}; load: {self.load}{called}{fixed}"
 
 
 class Inference(nn.Module):
@@ -105,15 +107,17 @@ def package(deploy: Deployable, inputs: Inputs, path: Path, *, autocast: Precisi
     mode = deploy.info.get("compile", "none")
     try:
         program = _export(inner, keys, values, autocast, device.type, variable_length)
+        length = _fixed_length(program) if variable_length else None
         if mode == "none":
             try:
                 torch.export.save(program, path)
             except Exception as exc:
                 raise AdvisorError(f"torch.export.save failed: {type(exc).__name__}: {first_line(exc)}") from None
             return Shipped(path, "export", path.stat().st_size,
-                           _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys)
+                           _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys, length=length)
         _compile(program, path, mode, keys)
-        return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys)
+        return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys,
+                       length=length)
     except AdvisorError as exc:
         # The run's model is not lost: its weights, beside the asked path, with the knobs.
         fallback = path.with_suffix(".pt")
@@ -137,7 +141,9 @@ def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable
     auto = torch.export.Dim.AUTO
 
     def dims(value: torch.Tensor) -> dict:
-        return {0: auto, 1: torch.export.Dim.DYNAMIC} if variable_length and value.dim() >= 2 else {0: auto}
+        # AUTO, not DYNAMIC, on the sequence: a graph captured at one length (PT2E int8-static)
+        # is exported at it, where DYNAMIC is refused ("Constraints violated"); ``length`` says so.
+        return {0: auto, 1: auto} if variable_length and value.dim() >= 2 else {0: auto}
 
     shapes = {"values": tuple(dims(v) for v in values)}
     with torch.no_grad():
@@ -150,6 +156,19 @@ def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable
                                            values, dynamic_shapes=shapes)
             except Exception:
                 raise AdvisorError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _fixed_length(program) -> int | None:
+    """The sequence length (dim 1) an exported program's inputs are fixed to, if it is: a graph
+    captured at one length (PT2E int8-static) keeps it; None where it takes any length."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    for node in program.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            shape = getattr(node.meta.get("val"), "shape", ())
+            if len(shape) >= 2 and is_concrete_int(shape[1]):  # a SymInt specialized to a constant
+                return int(shape[1])
+    return None
 
 
 def _compile(program, path: Path, mode: str, keys: tuple[str, ...]) -> None:

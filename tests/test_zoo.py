@@ -325,3 +325,31 @@ def test_a_qat_graph_switched_to_train_keeps_its_dropout_probability():
         switch()
         dropouts = [n.args[1] for n in prepared.graph.nodes if n.target == torch.ops.aten.dropout.default]
         assert dropouts == [0.1]
+
+
+def test_bert_ships_as_a_program_at_any_length_or_at_the_one_its_int8_graph_was_captured_at(tmp_path):
+    from advisor import ship
+    from advisor.knobs import Knobs
+    from advisor.techniques.precision import PrecisionConfig
+    from advisor.trial import compress
+    from advisor.trial.compress import Deployable
+
+    w = built("bert")
+    inputs = batch(w)[0]
+    shorter = {k: v[:3, :9] for k, v in inputs.items()}
+    eager = Deployable(module=w.model, run=w.model, autocast=True, info={"compile": "none"})
+    shipped = ship.package(eager, inputs, tmp_path / "bert.pt2", autocast=PrecisionConfig(), variable_length=True)
+    assert shipped.format == "export" and shipped.length is None
+    call = ship.Positional(ship.load(shipped.path, shipped.format), shipped.keys)
+    assert torch.allclose(logits(call, shorter), logits(w.model, shorter), atol=1e-5)
+    # The int8 model a token-budget trial deploys was captured at the data's padded length: it
+    # ships at that length (and says so), not as a state dict.
+    int8 = compress.deployable(w.model, Knobs(quantization="int8-static", max_tokens=256), inputs, [inputs])
+    deploy = Deployable(module=int8.module, run=int8.module, autocast=False, info={"compile": "none"})
+    shipped = ship.package(deploy, inputs, tmp_path / "int8.pt2", autocast=PrecisionConfig(), variable_length=True)
+    length = inputs["input_ids"].shape[1]
+    assert shipped.format == "export" and shipped.length == length, shipped.why_not
+    assert f"padded to length {length}" in shipped.describe()
+    call = ship.Positional(ship.load(shipped.path, shipped.format), shipped.keys)
+    three = {k: v[:3] for k, v in inputs.items()}
+    assert torch.allclose(logits(call, three), logits(int8.module, three), atol=1e-5)
