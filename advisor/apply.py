@@ -1,9 +1,10 @@
 """``advisor apply``: rebuild an exported recommendation on the user's workload, and help
 their own training loop.
 
-``apply`` runs the trial pipeline once more, in this process, with the recorded knobs and
-measurement settings: the baseline (trained with the recorded settings unless the workload
-is trained), prune, fine-tune, quantize, compile, measure. It keeps the deployable model,
+``apply`` runs the trial pipeline once more with the recorded knobs and measurement settings:
+the baseline (trained with the recorded settings unless the workload is trained) in a process
+of its own, as a study runs it, then the trial in this process: prune, fine-tune, quantize,
+compile, measure. It keeps the deployable model,
 ships it as the file a user runs (``ship.py``: an AOTInductor package of what the trial ran
 compiled, a ``torch.export`` program of what it ran eagerly), measures that file in a fresh
 process, and returns the re-measured figures beside the study's.
@@ -28,6 +29,7 @@ from advisor.errors import AdvisorError
 from advisor.export import Config
 from advisor.files import CACHE_DIR
 from advisor.knobs import baseline as baseline_knobs
+from advisor.study import driver
 from advisor.techniques import checkpointing, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.accumulation import AccumulationConfig
@@ -39,8 +41,11 @@ from advisor.techniques.schedule import ScheduleConfig
 from advisor.trial import pipeline
 from advisor.trial.cache import StudyCache
 from advisor.trial.process import output_to
+from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import Settings, TrialSpec
 from advisor.workload import WorkloadRef, build
+
+BASELINE_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -88,9 +93,15 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         cache.save_baseline(workload.model.state_dict())
     log = cache.log(0).with_name("apply.log")
     with _compiler_cache(cache), output_to(log):
-        baseline, _ = pipeline.measure_trial(
+        # The baseline in a process of its own, as a study runs it: its training-memory window
+        # pins glibc's mmap threshold for the rest of its process (``measure.pin_mmap_threshold``),
+        # which would slow the eager reference model this process times the trial against.
+        outcome = TrialRunner(preload=driver.preload_modules(workload, ref)).run(
             spec.baseline(baseline_knobs(settings.lr, settings.serving_rate > 0), not workload.trained),
-            _no_phase)
+            timeout=BASELINE_TIMEOUT_S)
+        if not outcome.ok:
+            raise AdvisorError(f"the baseline failed ({outcome.phase}): {outcome.reason}; see {log.parent}")
+        baseline = outcome.result
         result, deploy = pipeline.measure_trial(spec.trial(0, knobs), _no_phase)
     notes.append(f"log: {log}")
     applied = Applied(model=deploy.module, result=result, baseline=baseline, config=config,

@@ -110,7 +110,10 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     out.append(f"Pareto front: {len(judged.front)} of {len(judged.feasible)} trials that meet the "
                f"constraints ({judged.constraints.describe()}), of {len(done)} completed "
                f"({len(record.failed)} failed); ratios are to the baseline"
-               + ("" if serving else "; a latency ratio is timed interleaved with the baseline's model in "
+               + ("; a p99 ratio is the two servers simulated on times measured interleaved with the "
+                  f"baseline's model in the trial's process, with its {100 * CONFIDENCE:.0f}% interval"
+                  if serving else
+                  "; a latency ratio is timed interleaved with the baseline's model in "
                   f"the trial's process, with its {100 * CONFIDENCE:.0f}% interval (± where a trial "
                   "has none: half the p10-p90 spread)"))
     if serving:

@@ -1,23 +1,28 @@
 """What ``advisor apply -o`` ships, and the check that it is the model the trial measured.
 
-A deployable model the trial ran compiled (every quantized model, and any whose compile knob
-compiles inference) ships as an AOTInductor package: its inference graph exported and compiled
-with inductor's freezing (PT2E int8 as dequantize + fp32 kernels: see ``_compile``), loaded
-with torch alone::
+Each file holds the trial's inference graph, exported with ``torch.export``: its inference
+precision (autocast, or the cast of inputs to half-precision weights), any batch size (and,
+on a variable-length workload, any sequence length, unless its int8 graph was captured at
+one: ``Shipped.length``). A model whose outputs ``torch.export`` refuses (a Hugging Face
+cache) is shipped returning its logits. Inputs are positional, in the order ``keys`` names
+for a model that takes keywords. By what the trial ran:
 
-    model = torch._inductor.aoti_load_package("optimized.pt2")
-    logits = model(x)
+- eagerly: the ``torch.export`` program, ``torch.export.load(path).module()``;
+- PT2E int8 (int8-static, qat-int8), which the trial ran compiled with inductor's freezing:
+  the program, with the recipe that compiles it as the trial did (``RECIPE``)::
 
-A model the trial ran eagerly ships as its ``torch.export`` program
-(``torch.export.load(path).module()``). Either file holds the trial's inference precision
-(autocast, or the cast of inputs to half-precision weights) and takes any batch size (and,
-on a variable-length workload, any sequence length). A model whose outputs ``torch.export``
-refuses (a Hugging Face cache) is shipped returning its logits. Inputs are positional, in
-the order ``keys`` names for a model that takes keywords (recorded in the package's metadata).
+      import torchao.quantization.pt2e  # registers PT2E's quantize/dequantize ops
+      torch._inductor.config.freezing = True
+      model = torch.compile(torch.export.load(path).module(), dynamic=False)
 
-In the AOTInductor package the weights are stored apart from the compiled code (one blob),
-so the bytes they take are read back from the file and shown beside the whole file's
-(compiled code is about 1.5 MB even for a tiny model).
+  Not an AOTInductor package: on torch 2.13 AOTInductor gets this graph wrong at a dynamic
+  batch size, or slow without freezing (``_compile``);
+- otherwise compiled: an AOTInductor package, loaded with torch alone,
+  ``torch._inductor.aoti_load_package(path)``, its weights stored apart from the code.
+
+The bytes the weights take in the file are read back from it and shown beside the whole
+file's (an AOTInductor package's compiled code is about 1.5 MB even for a tiny model). In a
+``torch.export`` program they are the trial's size objective (``measure.weight_bytes``).
 
 ``check`` loads the file in a fresh process, as a user would, and measures it there: its
 latency at the study's latency batch and at batch 1, each paired (timed interleaved) with the
@@ -40,23 +45,27 @@ import torch
 from torch import nn
 
 from advisor.errors import AdvisorError, first_line
-from advisor.techniques import precision
+from advisor.techniques import precision, quantization
 from advisor.techniques.precision import PrecisionConfig
 from advisor.trial.compress import CastInputs, Deployable
 from advisor.workload import Inputs, WorkloadRef, call_args, call_model, logits_of, to_device
 
 KEYS = "advisor.keys"  # the package metadata entry naming keyword inputs, in order
+RECIPE = "advisor.recipe"  # an exported program's extra file: how the trial compiled it (JSON)
 
 
 @dataclass
 class Shipped:
     path: Path
-    format: str  # "aoti" (an AOTInductor package) or "export" (a torch.export program)
+    # "aoti" (an AOTInductor package), "export" (a torch.export program), "compile" (a
+    # torch.export program to compile as the recipe says) or "state_dict" (the fallback)
+    format: str
     file_bytes: int
     weights_bytes: int | None  # the weights' bytes as stored in the file; None where not apart
     keys: tuple[str, ...]  # keyword inputs, in the positional order the file takes them
     why_not: str = ""  # format "state_dict": why the model could not be exported or compiled
     length: int | None = None  # a variable-length workload's sequence length the file is fixed to
+    compile: str | None = None  # format "compile": the torch.compile mode, under freezing
 
     @property
     def load(self) -> str:
@@ -65,12 +74,17 @@ class Shipped:
             return f'torch._inductor.aoti_load_package("{self.path}")'
         if self.format == "state_dict":
             return f'torch.load("{self.path}")["state_dict"], into your model rebuilt with the knobs'
+        if self.format == "compile":
+            mode = f', mode="{self.compile}"' if self.compile != "default" else ""
+            return (f'import torchao.quantization.pt2e; torch._inductor.config.freezing = True; '
+                    f'model = torch.compile(torch.export.load("{self.path}").module(), dynamic=False{mode})')
         return f'torch.export.load("{self.path}").module()'
 
     def describe(self) -> str:
         if self.format == "state_dict":
             return f"its state dict with the knobs ({self.why_not}); load: {self.load}"
-        kind = "AOTInductor package" if self.format == "aoti" else "torch.export program"
+        kind = {"aoti": "AOTInductor package", "export": "torch.export program",
+                "compile": "torch.export program to compile with freezing"}[self.format]
         weights = (f", weights {self.weights_bytes / 2**20:.3g} MiB of it"
                    if self.weights_bytes is not None else "")
         called = f"; call it with ({', '.join(self.keys)})" if self.keys else ""
@@ -108,13 +122,12 @@ def package(deploy: Deployable, inputs: Inputs, path: Path, *, autocast: Precisi
     try:
         program = _export(inner, keys, values, autocast, device.type, variable_length)
         length = _fixed_length(program) if variable_length else None
-        if mode == "none":
-            try:
-                torch.export.save(program, path)
-            except Exception as exc:
-                raise AdvisorError(f"torch.export.save failed: {type(exc).__name__}: {first_line(exc)}") from None
-            return Shipped(path, "export", path.stat().st_size,
-                           _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys, length=length)
+        if mode == "none" or deploy.info.get("quantization") in quantization.PT2E:
+            recipe = {} if mode == "none" else {"compile": mode}
+            _save(program, path, recipe)
+            return Shipped(path, "compile" if recipe else "export", path.stat().st_size,
+                           _stored_bytes(path, ("/data/weights/", "/data/constants/")), keys,
+                           length=length, compile=mode if recipe else None)
         _compile(program, path, mode, keys)
         return Shipped(path, "aoti", path.stat().st_size, _stored_bytes(path, ("_weights.blob",)), keys,
                        length=length)
@@ -158,6 +171,16 @@ def _export(inner: nn.Module, keys, values, autocast, device_type: str, variable
                 raise AdvisorError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
+def _save(program, path: Path, recipe: dict) -> None:
+    """The program, without the example inputs ``torch.export`` keeps (a batch of the user's
+    data has no place in the model file), with the compile recipe among its extra files."""
+    program.example_inputs = None
+    try:
+        torch.export.save(program, path, extra_files={RECIPE: json.dumps(recipe)})
+    except Exception as exc:
+        raise AdvisorError(f"torch.export.save failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
 def _fixed_length(program) -> int | None:
     """The sequence length (dim 1) an exported program's inputs are fixed to, if it is: a graph
     captured at one length (PT2E int8-static) keeps it; None where it takes any length."""
@@ -182,13 +205,10 @@ def _compile(program, path: Path, mode: str, keys: tuple[str, ...]) -> None:
         options.update({"aot_inductor.package_constants_in_so": False,
                         "aot_inductor.package_constants_on_disk_format": "binary_blob"})
     try:
-        # freezing in the options only: PT2E's int8 graph then stays dequantize + fp32 convolution,
-        # 1.6-1.8x slower than the trial's frozen compile (apply's fresh-process check shows it).
-        # With freezing set around the compile, as the trial sets it (``compile._Frozen``), it
-        # lowers to oneDNN's int8 kernels and runs 0.77-0.80x the trial's model, but on torch 2.13
-        # the digits CNN's package then scored 11% where the same model compiled in-process
-        # scored 98% (convolution + residual add as qconv2d_pointwise_binary): a fast wrong file
-        # is worse than a slow right one.
+        # Not PT2E int8 (``package`` ships it as a program to compile): on torch 2.13 AOTInductor
+        # lowers its frozen int8 convolutions wrongly at a dynamic batch size (the digits CNN's
+        # package scored 11% where the same graph compiled in-process scored 94-98%; right at a
+        # static batch), and left unfrozen it runs dequantize + fp32 kernels 1.6-1.8x slower.
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
     except Exception as exc:
         raise AdvisorError(f"AOTInductor failed: {type(exc).__name__}: {first_line(exc)}") from None
@@ -207,7 +227,17 @@ def load(path: str | os.PathLike, format: str):
     """The shipped model, loaded as its docstring tells a user to."""
     if format == "aoti":
         return torch._inductor.aoti_load_package(str(path))
-    return torch.export.load(str(path)).module()
+    extra = {RECIPE: ""}
+    if format == "compile":
+        import torchao.quantization.pt2e  # noqa: F401  (registers PT2E's quantize/dequantize ops)
+    module = torch.export.load(str(path), extra_files=extra).module()
+    recipe = json.loads(extra[RECIPE] or "{}")
+    if "compile" in recipe:
+        # What the trial measured: the same call (torch.compile, dynamic=False, under freezing).
+        from advisor.techniques import compile as compile_technique
+
+        return compile_technique.deploy(module, recipe["compile"])
+    return module
 
 
 class Positional:

@@ -7,8 +7,6 @@ CUDA case of the known-allocation test in test_measure.py).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -123,7 +121,7 @@ def test_a_study_runs_on_cuda(workdir):
                                     "distill_alpha": 0.5, "distill_temperature": 2.0}],
                          ids=["fp16", "int8-dynamic", "int4", "float8", "2:4", "structured-kd"])
 def test_cuda_compression_runs_end_to_end_and_reports_its_artifact(knobs, tmp_path, monkeypatch):
-    from test_compression import prepared_trial, run_in_process
+    from test_compression import assert_size_is_what_ships, prepared_trial, run_in_process, trial_inputs
     from workloads import WideMLP
 
     hw = hardware.detect("cuda")
@@ -133,19 +131,19 @@ def test_cuda_compression_runs_end_to_end_and_reports_its_artifact(knobs, tmp_pa
     except AdvisorError as exc:
         pytest.skip(f"not offered on this GPU: {exc}")
     spec = prepared_trial(tmp_path, "workloads:wide_mlp", knobs, device="cuda")
-    result, artifact = run_in_process(spec, monkeypatch)
-    assert result["size_bytes"] == os.path.getsize(artifact)
+    result, deploy = run_in_process(spec)
+    assert_size_is_what_ships(result, deploy, trial_inputs(spec), tmp_path)
     assert result["metrics"]["latency_ms"] > 0 and 0 <= result["metrics"]["accuracy"] <= 1
 
 
 def test_cuda_trial_of_the_transformer_under_bf16_and_cuda_graphs(tmp_path, monkeypatch):
-    from test_compression import prepared_trial, run_in_process
+    from test_compression import assert_size_is_what_ships, prepared_trial, run_in_process, trial_inputs
 
     spec = prepared_trial(tmp_path, "advisor.examples.vit:build",
                           {"precision": "bf16", "compile": "reduce-overhead", "quantization": "int8-dynamic"},
                           device="cuda")
-    result, artifact = run_in_process(spec, monkeypatch)
-    assert result["size_bytes"] == os.path.getsize(artifact)
+    result, deploy = run_in_process(spec)
+    assert_size_is_what_ships(result, deploy, trial_inputs(spec), tmp_path)
     # Trained under CUDA graphs: their pools are training memory (inference's are not).
     assert result["memory"]["graph_pool_mib"] > 0 and result["latency"]["median_ms"] > 0
     assert result["memory"]["graph_pool_mib"] <= result["memory"]["transient_mib"]

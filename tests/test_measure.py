@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -144,19 +141,23 @@ def test_memory_of_a_known_allocation_is_seen_within_10_percent(device, tmp_path
     assert 64 * 0.9 <= seen <= 64 * 1.1, f"64 MiB extra allocation measured as {seen:.1f} MiB"
 
 
-def test_size_is_the_bytes_of_the_saved_artifact(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
-    (tmp_path / "a").mkdir()
-    size = measure.artifact_bytes(model, tmp_path / "a" / measure.ARTIFACT_NAME)
-    # Independently: the state dict saved by torch.save to a file of the same name (the
-    # archive records the file's stem, so the name is part of the bytes).
-    (tmp_path / "b").mkdir()
-    torch.save(model.state_dict(), str(tmp_path / "b" / measure.ARTIFACT_NAME))
-    assert size == os.path.getsize(tmp_path / "b" / measure.ARTIFACT_NAME)
-    params = sum(p.numel() * 4 for p in model.parameters())
-    assert params < size < params + 4096, "the artifact is the weights plus a small archive header"
-    reloaded = torch.load(io.BytesIO((tmp_path / "a" / measure.ARTIFACT_NAME).read_bytes()))
-    assert set(reloaded) == set(model.state_dict())
+def test_size_counts_each_stored_tensor_once_at_its_own_width():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    assert measure.weight_bytes(model) == (64 * 32 + 32 + 32 * 64 + 64) * 4
+    model[2].weight = nn.Parameter(model[0].weight.t())  # tied: one storage, counted once
+    assert measure.weight_bytes(model) == (64 * 32 + 32 + 64) * 4
+    model.register_buffer("codes", torch.zeros(100, dtype=torch.int8))  # int8 stays int8
+    assert measure.weight_bytes(model) == (64 * 32 + 32 + 64) * 4 + 100
+
+
+def test_size_of_a_torchao_quantized_layer_counts_its_int8_data_not_fp32():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = nn.Sequential(nn.Linear(256, 128))
+    quantize_(model, Int8WeightOnlyConfig())
+    size = measure.weight_bytes(model)
+    # int8 weights and the fp32 bias, plus a few bytes per output row (scale, zero point)
+    assert 256 * 128 + 128 * 4 < size <= 256 * 128 + 128 * 4 + 128 * 16, size
 
 
 def test_accuracy_equals_an_independent_evaluation(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -85,7 +86,14 @@ def test_a_serving_study_shows_p99_throughput_and_overload_everywhere(workdir):
     stored = optuna.load_study(study_name="tensor-mlp", storage="sqlite:///studies/advisor.db")
     t = stored.trials[0]
     served = t.user_attrs["result"]["serving"]
-    assert t.values[1] == pytest.approx(served["p99_ms"]), "the latency objective is p99 under load"
+    # The latency objective is p99 under load, told to the sampler on the baseline's clock:
+    # the paired p99 ratio times the baseline's p99.
+    pair = t.user_attrs["result"]["paired"]["serving_p99"]
+    assert pair["ms"] == served["p99_ms"] and pair["low"] <= pair["ratio"] <= pair["high"]
+    assert pair["ratio"] == pytest.approx(pair["ms"] / pair["reference_ms"])
+    base_p99 = stored.user_attrs["baseline"]["metrics"]["latency_ms"]
+    assert t.values[1] == pytest.approx(base_p99 * pair["ratio"])
+    assert f"({pair['ratio']:.2f}x, {pair['low']:.2f}-{pair['high']:.2f})" in out  # shown with its interval
     # 500 simulated; the first 10% (the warm-up) are left out of the counts and percentiles.
     assert served["requests"] == 450 and served["served"] + served["dropped"] == 450
     assert set(served["batch_ms"]) <= {"1", "2", "4", "8"} and "8" in served["batch_ms"]
@@ -103,6 +111,37 @@ def test_a_serving_study_shows_p99_throughput_and_overload_everywhere(workdir):
     assert content["serving"]["counted"] == 450, "the warm-up is left out"
     loaded = export.load_config(workdir / "rec.yaml")
     assert loaded.knobs.serving_max_batch == content["knobs"]["serving_max_batch"]
+
+
+def _paired(rounds: dict, max_batch: int, rate: float = 50.0) -> dict:
+    from advisor.trial import pipeline
+    from advisor.trial.spec import Settings
+
+    settings = Settings(serving_rate=rate, serving_requests=400, serving_deadline_ms=1000.0)
+    config = serving.ServingConfig(max_batch, 0.0)
+    arrivals = serving.poisson_arrivals(rate, 400, 0)
+    service = serving.ServiceTimes(lambda size: rounds[size][0], seed=0)
+    result = pipeline._serve(arrivals, service, config, settings)
+    return pipeline.paired_p99(result, rounds, None, arrivals, config, settings)
+
+
+def test_a_paired_p99_ratio_reads_one_for_the_baseline_and_two_for_a_model_twice_as_slow():
+    rng = np.random.default_rng(0)
+    calls = list(rng.uniform(0.001, 0.002, 60))
+    same = _paired({1: (calls, calls)}, max_batch=1)
+    assert same["ratio"] == 1.0 and same["low"] == same["high"] == 1.0
+    # At one request per 100 s (on average) no request waits: each latency is its service time.
+    twice = _paired({1: ([2 * t for t in calls], calls)}, max_batch=1, rate=0.01)
+    assert twice["ratio"] == pytest.approx(2.0) and twice["low"] <= 2.0 <= twice["high"]
+    assert twice["ms"] == pytest.approx(2 * twice["reference_ms"])
+
+
+def test_a_paired_p99_interval_widens_with_the_rounds_disagreement():
+    rng = np.random.default_rng(1)
+    base = list(rng.uniform(0.001, 0.0011, 40))
+    steady = _paired({1: ([1.5 * t for t in base], base)}, max_batch=1)
+    noisy = _paired({1: ([t * rng.choice([1.0, 3.0]) for t in base], base)}, max_batch=1)
+    assert steady["high"] - steady["low"] < 0.05 < noisy["high"] - noisy["low"]
 
 
 def test_a_rate_beyond_capacity_is_reported_not_hidden(workdir):

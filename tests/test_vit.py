@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from advisor import hardware, space
 from advisor.examples import vit
-from test_compression import prepared_trial, run_in_process
+from test_compression import assert_size_is_what_ships, prepared_trial, run_in_process, trial_inputs
 
 
 def test_both_sizes_build_and_classify_digits():
@@ -36,7 +34,7 @@ def test_its_blocks_and_linear_layers_shape_the_space():
 def test_a_compressed_trial_of_the_transformer_runs_on_cpu(tmp_path, monkeypatch):
     spec = prepared_trial(tmp_path, "advisor.examples.vit:build",
                           {"checkpoint_every": 1, "quantization": "int8-dynamic", "distill_alpha": 0.5})
-    result, artifact = run_in_process(spec, monkeypatch)
+    result, deploy = run_in_process(spec)
     assert result["checkpointed_blocks"] == 4
-    assert result["size_bytes"] == os.path.getsize(artifact)
+    assert_size_is_what_ships(result, deploy, trial_inputs(spec), tmp_path)
     assert result["metrics"]["size_mib"] < 0.5 * 202186 * 4 / 2**20, "int8 linear weights"

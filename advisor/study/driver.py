@@ -42,7 +42,7 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
     setup = {"workload_and_data_s": time.perf_counter() - clock}
 
     rdb = storage.open_storage(options.storage, heartbeat_s=options.heartbeat)
-    runner = TrialRunner(preload=_modules_of(workload, ref))
+    runner = TrialRunner(preload=preload_modules(workload, ref))
 
     def build_space(settings: Settings) -> space.Space:
         return space.of_workload(hw, workload, cache, settings)
@@ -71,7 +71,7 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
     return result
 
 
-def _modules_of(workload: Workload, ref: WorkloadRef) -> list[str]:
+def preload_modules(workload: Workload, ref: WorkloadRef) -> list[str]:
     """The modules a trial process imports to unpickle the workload: preload them once."""
     names = {ref.model.partition(":")[0], type(workload.model).__module__}
     if ref.data:

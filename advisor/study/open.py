@@ -20,7 +20,7 @@ from advisor.study.options import RunOptions, make_sampler, resolve_constraints,
 from advisor.trial.spec import Settings
 from advisor.version import __version__
 
-FORMAT = 2  # 2: compression knobs in the space
+FORMAT = 3  # 2: compression knobs in the space; 3: size is the weights' bytes, not torch.save's
 
 
 class Opened(NamedTuple):
@@ -52,6 +52,12 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
         raise AdvisorError(
             f"study {study_name!r} exists in this storage but was not made by advisor; "
             f"choose another name with --study NAME")
+    if stored and stored.made_by["format"] != FORMAT:
+        raise AdvisorError(
+            f"study {study_name!r} was measured by an earlier advisor (study format "
+            f"{stored.made_by['format']}, this one writes {FORMAT}: the size objective is now the bytes "
+            f"the weights take, not a torch.save file's), so its trials and new ones would not compare; "
+            f"start a new study with --study NAME (show and export still read it)")
     settings = resolve_settings(options, stored and stored.settings, batch_size, study_name)
     constraints = resolve_constraints(options, stored and stored.constraints, study_name)
     search = build_space(settings)

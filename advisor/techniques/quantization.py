@@ -45,7 +45,7 @@ KNOB = "quantization"
 MODES = ("none", "bf16", "fp16", "int8-dynamic", "int8-weight-only", "int8-static", "qat-int8",
          "int4-weight-only", "float8")
 TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
-_PT2E = ("int8-static", "qat-int8")
+PT2E = ("int8-static", "qat-int8")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class QuantizationConfig:
     @property
     def pt2e(self) -> bool:
         """Quantized through PT2E: deployed compiled with freezing."""
-        return self.mode in _PT2E
+        return self.mode in PT2E
 
     @property
     def calibrated(self) -> bool:

@@ -70,9 +70,6 @@ class StudyCache:
     def log(self, number: int) -> Path:
         return self.root / "logs" / ("baseline.log" if number < 0 else f"trial-{number}.log")
 
-    def artifact_dir(self, number: int) -> Path:
-        return self.root / "artifacts" / ("baseline" if number < 0 else str(number))
-
     def split(self, name: str) -> mapped.MappedSplit:
         return mapped.MappedSplit(self.root / "data" / name)
 

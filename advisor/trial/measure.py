@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from advisor.errors import AdvisorError
 from advisor.objectives import CONFIDENCE
@@ -199,6 +199,12 @@ class Timing:
         out = {k: v for k, v in asdict(self).items() if k != "samples_ms"}
         return {**out, "spread": self.spread}
 
+    @classmethod
+    def of(cls, samples_ms: list[float], first_ms: float) -> Timing:
+        q = np.percentile(np.array(samples_ms), [10, 50, 90])
+        return cls(median_ms=float(q[1]), p10_ms=float(q[0]), p90_ms=float(q[2]), reps=len(samples_ms),
+                   first_ms=first_ms, samples_ms=tuple(samples_ms))
+
 
 def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
                min_reps: int = 10, max_reps: int = 500, budget_s: float = 0.5) -> Timing:
@@ -218,9 +224,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t)
-    q = np.percentile(np.array(times) * 1e3, [10, 50, 90])
-    return Timing(median_ms=float(q[1]), p10_ms=float(q[0]), p90_ms=float(q[2]),
-                  reps=len(times), first_ms=first * 1e3, samples_ms=tuple(t * 1e3 for t in times))
+    return Timing.of([t * 1e3 for t in times], first_ms=first * 1e3)
 
 
 @dataclass(frozen=True)
@@ -235,9 +239,11 @@ class Paired:
     rounds: int
     ms: float  # each side's median call, over every round
     reference_ms: float
+    # each round's seconds, per side: for a simulation fed by them (not stored)
+    seconds: tuple[list[float], list[float]] = field(default=((), ()), repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "seconds"}
 
 
 
@@ -285,7 +291,8 @@ def time_paired(fn: Callable[[], Any], reference: Callable[[], Any], device: tor
         ratios.append(block[0] / block[1] if block[1] > 0 else float("inf"))
     low, high = bootstrap_median(ratios, CONFIDENCE, seed)
     return Paired(ratio=float(np.median(ratios)), low=low, high=high, rounds=len(ratios),
-                  ms=float(np.median(medians[0])) * 1e3, reference_ms=float(np.median(medians[1])) * 1e3)
+                  ms=float(np.median(medians[0])) * 1e3, reference_ms=float(np.median(medians[1])) * 1e3,
+                  seconds=medians)
 
 
 def bootstrap_median(values: list[float], confidence: float = CONFIDENCE, seed: int = 0,
@@ -301,13 +308,39 @@ def bootstrap_median(values: list[float], confidence: float = CONFIDENCE, seed: 
 
 # -- size -----------------------------------------------------------------------------------
 
-ARTIFACT_NAME = "model.pt"  # torch.save records the file's stem in the archive: keep it fixed
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes the deployable model's tensors take, each storage once: what its shipped
+    ``torch.export`` program stores (``advisor apply -o``; read back from the file in the
+    tests). int8 stays int8, a tied tensor counts once, and a quantized tensor subclass
+    (torchao) counts the plain tensors it holds. No archive records: a tiny model is not
+    charged a per-tensor overhead a large one would not feel."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def add(tensor: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            names, _ = tensor.__tensor_flatten__()
+            for name in names:
+                add(getattr(tensor, name))
+            return
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+
+    for tensor in model.state_dict(keep_vars=True).values():
+        add(tensor)
+    for module in model.modules():  # a graph module's constants that are not in its state dict
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "get_attr":
+                    value = _attribute(module, node.target)
+                    if isinstance(value, torch.Tensor):
+                        add(value)
+    return sum(storages.values())
 
 
-def artifact_bytes(model: nn.Module, path: str | os.PathLike) -> int:
-    """Serialize the deployable model's state dict to ``path``; its size in bytes."""
-    torch.save(model.state_dict(), path)
-    return os.path.getsize(path)
+def _attribute(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 # -- the workload's metric --------------------------------------------------------------------
