@@ -128,6 +128,14 @@ def test_a_study_goes_on_only_on_a_machine_of_the_kind_it_was_measured_on(workdi
     study.set_user_attr("hardware", {k: v for k, v in machine.items() if k not in ("threads", "libraries")})
     again = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
     assert again.code == 0, again.err
+    # A study an earlier advisor measured (format 2: size as torch.save's bytes) is refused for
+    # new trials, and still shown.
+    study.set_user_attr("advisor", {**study.user_attrs["advisor"], "format": 2})
+    old = cli("run", "--model", "workloads:tensor_mlp", "--trials", "1", *plain_args())
+    assert old.code != 0 and "\n" not in old.err.strip() and "Traceback" not in old.err
+    assert "measured by an earlier advisor (study format 2" in old.err and "--study NAME" in old.err
+    assert len(load("tensor-mlp").trials) == 2
+    assert cli("show", "--study", "tensor-mlp").code == 0
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two workers need two cores")
