@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -27,10 +27,11 @@ from advisor.study import storage
 from advisor.study.record import StudyRecord
 from advisor.version import __version__
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the trial's paired latency ratios ("paired")
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
-        "provenance", "serving")
-REQUIRED = KEYS[:-1]  # "serving" only in configs of serving studies
+        "provenance", "serving", "paired")
+REQUIRED = KEYS[:-2]  # "serving" only in configs of serving studies, "paired" from schema 2
+PAIRED = ("latency", "latency_batch1", "serving_p99")  # each: ratio, low, high (its interval), rounds
 SERVING = ("rate", "requests", "counted", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
            "throughput_rps", "overload_share", "saturated")
 _MEASURED_SERVING = SERVING[3:]  # copied from the trial's result; "requests" is the study's setting
@@ -49,6 +50,8 @@ class Config:
     goal: str
     feasible: bool
     provenance: dict
+    # the trial's latency ratios to the baseline, timed interleaved with it (empty before schema 2)
+    paired: dict = field(default_factory=dict)
 
 
 def _version(package: str) -> str | None:
@@ -95,6 +98,8 @@ def to_dict(rec: Recommendation, study: optuna.Study | StudyRecord, storage_url:
             "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         },
         **serving,
+        "paired": {k: {f: v[f] for f in ("ratio", "low", "high", "rounds")}
+                   for k, v in ((trial.result or {}).get("paired") or {}).items() if k in PAIRED},
     }
 
 
@@ -155,8 +160,17 @@ def from_dict(data: object, where: str = "config") -> Config:
     _keys(provenance, PROVENANCE, f"{where}: provenance")
     if "serving" in data:
         _keys(data["serving"], SERVING, f"{where}: serving")
+    paired = data.get("paired") or {}
+    _keys(paired, PAIRED, f"{where}: paired")
+    for key, pair in paired.items():
+        _keys(pair, ("ratio", "low", "high", "rounds"), f"{where}: paired.{key}",
+              required=("ratio", "low", "high"))
+        for field_name in ("ratio", "low", "high"):
+            value = pair[field_name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise AdvisorError(f"{where}: paired.{key}.{field_name} must be a positive number; got {value!r}")
     return Config(knobs=knobs, measured=measured, baseline=baseline, constraints=constraints,
-                  goal=goal, feasible=data["feasible"], provenance=dict(provenance))
+                  goal=goal, feasible=data["feasible"], provenance=dict(provenance), paired=dict(paired))
 
 
 def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> None:

@@ -256,11 +256,16 @@ def paired_ratio(pair: dict) -> str:
 
 
 def shipped_lines(applied) -> list[str]:
-    """The shipped file as measured in a fresh process, against the model this run measured:
-    the paired latency ratios (each timed interleaved with the baseline's model) and accuracy."""
+    """The shipped file as measured in a fresh process, against the study's trial and the
+    model this run measured: the paired latency ratios (each timed interleaved with the
+    baseline's model) and accuracy. A note where the file's latency interval misses the
+    study's (this run's, for a config without the study's), or its accuracy this run's by
+    more than 0.2 points."""
     fresh, here = applied.shipped_measured, applied.result
     if not fresh:
         return []
+    study = applied.config.paired
+    trial = f"study #{applied.config.provenance.get('trial')}"
 
     def inside(a: dict, b: dict) -> bool:  # the two intervals overlap
         return a["low"] <= b["high"] and b["low"] <= a["high"]
@@ -268,20 +273,27 @@ def shipped_lines(applied) -> list[str]:
     rows, notes = [], []
     for key, name in (("latency", "latency (paired ratio)"), ("latency_batch1", "batch-1 latency (paired ratio)")):
         mine, theirs = here.get("paired", {}).get(key), fresh["paired"][key]
-        rows.append([name, paired_ratio(mine) if mine else "-", paired_ratio(theirs)])
-        if mine and not inside(mine, theirs):
-            notes.append(f"note: the shipped file's {name.split(' (')[0]} ratio is outside this run's interval")
-    rows.append(["latency ms", f"{here['latency']['median_ms']:.4g}", f"{fresh['latency']['median_ms']:.4g}"])
+        rows.append([name, *([paired_ratio(study[key]) if key in study else "-"] if study else []),
+                     paired_ratio(mine) if mine else "-", paired_ratio(theirs)])
+        against, label = (study.get(key), "the study's") if study else (mine, "this run's")
+        if against and not inside(against, theirs):
+            notes.append(f"note: the shipped file's {name.split(' (')[0]} ratio is outside {label} interval")
+    blank = [""] if study else []
+    rows.append(["latency ms", *blank, f"{here['latency']['median_ms']:.4g}",
+                 f"{fresh['latency']['median_ms']:.4g}"])
     confirmation = here.get("confirmation", {}).get("accuracy")
     for name, mine, theirs in (("accuracy (selection part)", here["metrics"]["accuracy"], fresh["accuracy"]),
                                ("accuracy (confirmation part)", confirmation, fresh["confirmation"])):
         if mine is None or theirs is None:
             continue
-        rows.append([name, f"{mine:.4f}", f"{theirs:.4f} ({100 * (theirs - mine):+.2f} points)"])
+        rows.append([name, *blank, f"{mine:.4f}", f"{theirs:.4f} ({100 * (theirs - mine):+.2f} points)"])
         if abs(theirs - mine) > 0.002:
             notes.append(f"note: the shipped file's {name} differs from this run's by more than 0.2 points")
-    head = "The shipped file, loaded in a fresh process as above, against the model this run measured:"
-    return [head, table(["", "this run", "shipped file, fresh process"], rows, right={1, 2}), *notes]
+    head = ("The shipped file, loaded in a fresh process as above, against the study's trial and the model "
+            "this run measured:" if study else
+            "The shipped file, loaded in a fresh process as above, against the model this run measured:")
+    columns = ["", *([trial] if study else []), "this run", "shipped file, fresh process"]
+    return [head, table(columns, rows, right=set(range(1, len(columns)))), *notes]
 
 
 def short_result(result: dict) -> str:

@@ -49,13 +49,19 @@ def test_the_file_round_trips_every_knob(tmp_path):
     content = exported(tmp_path)
     path = export.write(content, tmp_path / "recommended.yaml")
     text = path.read_text()
-    assert text.startswith("# advisor recommendation (schema 1): trial #0 of study 's'")
+    assert text.startswith("# advisor recommendation (schema 2): trial #0 of study 's'")
     config = export.load_config(path)
     assert config.knobs == Knobs(**ALL_KNOBS)
     assert config.constraints.max_size_mb == 8.0 and config.goal == "balanced" and config.feasible
     assert config.measured["size_mib"] == 3.0 and config.baseline == BASELINE
     assert config.provenance["device_name"] == "test cpu" and config.provenance["trial"] == 0
     assert config.provenance["advisor"] == advisor.__version__
+    # The trial's paired ratios travel with it; a schema-1 file (before them) still loads.
+    pair = {"ratio": 0.45, "low": 0.43, "high": 0.47, "rounds": 40}
+    config = export.load_config(export.write({**content, "paired": {"latency": pair}}, tmp_path / "p.yaml"))
+    assert config.paired == {"latency": pair}
+    old = {k: v for k, v in content.items() if k != "paired"} | {"advisor_config": 1}
+    assert export.load_config(export.write(old, tmp_path / "old.yaml")).paired == {}
 
 
 def _set(path: tuple, value):
@@ -73,7 +79,7 @@ def _set(path: tuple, value):
 _DELETE = object()
 
 MALFORMED = [
-    (_set(("advisor_config",), 2), "has schema 2, newer than this advisor"),
+    (_set(("advisor_config",), 3), "has schema 3, newer than this advisor"),
     (_set(("advisor_config",), "one"), "advisor_config must be an integer schema version"),
     (_set(("knobz",), {}), "unknown key 'knobz'; the keys are advisor_config, goal"),
     (_set(("knobs", "pruning"), 0.5), r"knobs: unknown key 'pruning'; the keys are precision"),
@@ -86,6 +92,9 @@ MALFORMED = [
     (_set(("goal",), "cheapest"), "goal must be one of balanced"),
     (_set(("feasible",), "yes"), "feasible must be true or false"),
     (_set(("provenance", "gpu"), "h100"), "provenance: unknown key 'gpu'"),
+    (_set(("paired",), {"latency": {"ratio": "fast", "low": 0.4, "high": 0.5}}),
+     "paired.latency.ratio must be a positive number; got 'fast'"),
+    (_set(("paired",), {"p50": {}}), "paired: unknown key 'p50'; the keys are latency"),
 ]
 
 

@@ -91,14 +91,22 @@ def test_the_apply_report_says_when_the_shipped_file_is_not_what_the_run_measure
             "metrics": {"accuracy": 0.95}, "confirmation": {"accuracy": 0.94}}
     fresh = {"paired": {"latency": pair(0.46), "latency_batch1": pair(0.8)}, "latency": {"median_ms": 1.02},
              "accuracy": 0.95, "confirmation": 0.94}
-    text = "\n".join(shipped_lines(SimpleNamespace(result=here, shipped_measured=fresh)))
+    def applied(study: dict):
+        config = SimpleNamespace(paired=study, provenance={"trial": 7})
+        return SimpleNamespace(result=here, shipped_measured=fresh, config=config)
+
+    text = "\n".join(shipped_lines(applied({})))  # a config exported before the paired ratios
     assert "0.45x [0.43-0.47]" in text and "0.46x [0.44-0.48]" in text and "note:" not in text
     fresh.update(paired={"latency": pair(0.7), "latency_batch1": pair(0.8)}, confirmation=0.90)
-    notes = [line for line in shipped_lines(SimpleNamespace(result=here, shipped_measured=fresh))
-             if line.startswith("note:")]
+    notes = [line for line in shipped_lines(applied({})) if line.startswith("note:")]
     assert notes == ["note: the shipped file's latency ratio is outside this run's interval",
                      "note: the shipped file's accuracy (confirmation part) differs from this run's by "
                      "more than 0.2 points"]
+    # With the study's trial's ratios, the file is held to those (the trial is what was chosen).
+    lines = shipped_lines(applied({"latency": pair(0.72), "latency_batch1": pair(0.5)}))
+    assert "study #7" in lines[1] and "0.72x [0.68-0.76]" in "\n".join(lines)
+    assert next(line for line in lines if line.startswith("note:")) == \
+        "note: the shipped file's batch-1 latency ratio is outside the study's interval"
 
 
 class DataDependent(nn.Module):
