@@ -4,10 +4,10 @@ their own training loop.
 ``apply`` runs the trial pipeline once more with the recorded knobs and measurement settings:
 the baseline (trained with the recorded settings unless the workload is trained) in a process
 of its own, as a study runs it, then the trial in this process: prune, fine-tune, quantize,
-compile, measure. It keeps the deployable model,
-ships it as the file a user runs (``ship.py``: an AOTInductor package of what the trial ran
-compiled, a ``torch.export`` program of what it ran eagerly), measures that file in a fresh
-process, and returns the re-measured figures beside the study's.
+compile, measure. It keeps the deployable model, ships it as the file a user runs
+(``ship.py``: a ``torch.export`` program, with its compile recipe for PT2E int8, or an
+AOTInductor package), measures that file in a fresh process, and returns the re-measured
+figures beside the study's.
 
 ``training_setup`` gives a training loop of the user's own the training-side knobs: the
 autocast context, the grad scaler, the accumulation steps (or the token budget's

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -331,16 +332,10 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(module, torch.fx.GraphModule):
             for node in module.graph.nodes:
                 if node.op == "get_attr":
-                    value = _attribute(module, node.target)
+                    value = operator.attrgetter(node.target)(module)
                     if isinstance(value, torch.Tensor):
                         add(value)
     return sum(storages.values())
-
-
-def _attribute(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part, None)
-    return module
 
 
 # -- the workload's metric --------------------------------------------------------------------
