@@ -68,9 +68,40 @@ def test_a_paired_interval_is_wide_when_the_rounds_disagree_and_holds_the_truth(
         trial()
 
     pair = measure.time_paired(noisy, machine.call("baseline"), CPU, calls=1, budget_s=0.2,
-                               clock=machine.clock)
+                               clock=machine.clock, extend=1)
     assert pair.low < 2.0 < pair.high and pair.high - pair.low > 0.1
     assert pair.low >= 1.5 and pair.high <= 2.5
+
+
+def test_a_paired_ratio_times_past_its_budget_until_its_interval_is_narrow():
+    rng = np.random.default_rng(0)
+    machine = LoadedMachine({"trial": 1e-3, "baseline": 1e-3}, lambda t: 1.0)
+    trial = machine.call("trial")
+
+    def jittery(spread):
+        def call():
+            machine.cost["trial"] = float(rng.uniform(2e-3 - spread, 2e-3 + spread))
+            trial()
+        return call
+
+    # Steady: the budget's rounds already give an interval within 2%, so timing stops there.
+    steady = measure.time_paired(jittery(1e-5), machine.call("baseline"), CPU, budget_s=0.1,
+                                 clock=machine.clock)
+    assert (steady.high - steady.low) / 2 <= 0.02 * steady.ratio
+    assert steady.rounds <= 0.1 / 6e-3 + measure.PAIRED_CHECK_EVERY  # 6 ms a round, with settling calls
+    # +-5% per call: the budget's 20 rounds leave the interval wider than +-2%; more rounds,
+    # up to 4x the budget, narrow it.
+    began = machine.now
+    jitter = measure.time_paired(jittery(1e-4), machine.call("baseline"), CPU, budget_s=0.1,
+                                 clock=machine.clock)
+    assert machine.now - began > 0.15 and jitter.rounds > steady.rounds
+    assert (jitter.high - jitter.low) / 2 <= 0.02 * jitter.ratio
+    # Never past the cap: +-90% per call cannot get within 2% in 4x the budget.
+    began = machine.now
+    wild = measure.time_paired(jittery(1.8e-3), machine.call("baseline"), CPU, budget_s=0.1,
+                               clock=machine.clock)
+    assert machine.now - began <= 0.1 * measure.PAIRED_EXTEND + 0.03  # and the warm-up calls
+    assert (wild.high - wild.low) / 2 > 0.02 * wild.ratio
 
 
 @torch.no_grad()
@@ -245,7 +276,8 @@ def test_a_paired_ratio_leaves_out_what_switching_models_costs():
     clock = lambda: now[0]  # noqa: E731
     settled = measure.time_paired(call("trial"), call("baseline"), CPU, budget_s=0.1, clock=clock)
     assert settled.ratio == pytest.approx(0.25) and settled.ms == pytest.approx(1.0)
-    unsettled = measure.time_paired(call("trial"), call("baseline"), CPU, budget_s=0.1, clock=clock, settle=0)
+    unsettled = measure.time_paired(call("trial"), call("baseline"), CPU, budget_s=0.1, clock=clock, settle=0,
+                                   extend=1)
     # Timed at once: in ABBA order the trial pays the switch every round, the baseline every
     # other one (3/6 and 3/4 alternate), and the ratio is biased up.
     assert unsettled.ratio == pytest.approx((3 / 6 + 3 / 4) / 2)

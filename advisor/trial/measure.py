@@ -248,14 +248,25 @@ class Paired:
 
 
 
+PAIRED_PRECISION = 0.02  # timing goes on past its budget until the interval is within +-2%...
+PAIRED_EXTEND = 4.0  # ...for at most 4x the budget in all
+PAIRED_CHECK_EVERY = 10  # rounds between two checks of the interval
+
+
 def time_paired(fn: Callable[[], Any], reference: Callable[[], Any], device: torch.device, *,
-                calls: int = 1, min_rounds: int = 20, max_rounds: int = 1000, budget_s: float = 0.5,
+                calls: int = 1, min_rounds: int = 20, max_rounds: int = 4000, budget_s: float = 0.5,
+                precision: float = PAIRED_PRECISION, extend: float = PAIRED_EXTEND,
                 warmup: int = 3, settle: int = 1, clock: Callable[[], float] = time.perf_counter,
                 seed: int = 0) -> Paired:
     """Time ``fn`` against ``reference``: after warm-up calls of each, rounds of ``calls``
     calls of one then ``calls`` of the other, the order alternating (ABBA), until a time
     budget and a minimum number of rounds are both met. Each round gives the ratio of the two
     medians; their median is the ratio, with a bootstrap interval (resampled rounds).
+
+    Past the budget, rounds go on while the interval is wider than ``precision`` of the ratio
+    either side, for at most ``extend`` times the budget in all: a quiet machine's 0.5 s gave
+    intervals of +-4-5% on the digits CNN (and so repeats 4-5% apart), which more rounds
+    narrow; a busy one stops at the cap with the wide interval it has.
 
     One timed call a side per round by default: a competing process's bursts are shorter than
     a block of calls, so longer blocks let one side meet a burst the other did not (a 2x model
@@ -273,7 +284,21 @@ def time_paired(fn: Callable[[], Any], reference: Callable[[], Any], device: tor
     ratios: list[float] = []
     medians: tuple[list[float], list[float]] = ([], [])
     began = clock()
-    while len(ratios) < max_rounds and (len(ratios) < min_rounds or clock() - began < budget_s):
+
+    def more() -> bool:
+        rounds, elapsed = len(ratios), clock() - began
+        if rounds >= max_rounds:
+            return False
+        if rounds < min_rounds or elapsed < budget_s:
+            return True
+        if elapsed >= budget_s * extend:
+            return False
+        if rounds % PAIRED_CHECK_EVERY:
+            return True
+        low, high = bootstrap_median(ratios, CONFIDENCE, seed, resamples=500)
+        return (high - low) / 2 > precision * float(np.median(ratios))
+
+    while more():
         order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
         block = [0.0, 0.0]
         for i in order:
