@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 
 import optuna
 import pytest
@@ -128,3 +129,18 @@ def test_an_integer_learning_rate_gives_a_baseline():
     assert base.lr == 1.0 and isinstance(base.lr, float)
     s = build(CPU_NO_BF16, MLP(), 16, lr=settings.lr)
     assert s.lr == (0.1, 3)
+
+
+def test_cpu_fp16_is_offered_only_with_amx_fp16(monkeypatch):
+    """oneDNN reports fp16 support on AVX512-FP16 alone, where a fp16 fine-tune step ran
+    10-100x slower than fp32: the CPU must also have AMX-FP16."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512f", "avx512_fp16"}))
+    assert not hardware.detect("cpu").fp16_fast
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_fp16", "amx_tile", "amx_fp16"}))
+    assert hardware.detect("cpu").fp16_fast
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    assert not hardware.detect("cpu").fp16_fast
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert "sse2" in hardware.cpu_flags()  # this machine's, read for real (every x86-64 has SSE2)

@@ -54,6 +54,6 @@ def options(hw: Hardware) -> tuple[list[str], list[Exclusion]]:
     else:
         excluded.append(Exclusion(
             KNOB, "fp16",
-            f"{hw.device} has no fast fp16 kernels (oneDNN reports no fp16 support; "
-            "fp16 runs 10-30x slower than fp32 there)"))
+            f"{hw.device} has no fast fp16 kernels (no AMX-FP16; without it a fp16 fine-tune "
+            "step ran 10-100x slower than fp32)"))
     return offered, excluded
