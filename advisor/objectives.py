@@ -108,7 +108,7 @@ CONFIDENCE = 0.95  # of the paired ratios' bootstrap intervals (``trial/measure.
 def paired(result: Mapping | None, name: str) -> Mapping | None:
     """The trial's paired ratio to the baseline for objective ``name`` (``ratio``, ``low``,
     ``high``: timed interleaved with the baseline's model in the trial's own process): its
-    batch latency's or, in a serving study, its simulated p99's (``pipeline.paired_p99``).
+    batch latency's or, in a serving study, its simulated p99's (``trial/served.paired_p99``).
     None where it has none: the objective is not a latency, or the trial was stored before
     pairing."""
     if not result or name != "latency_ms":

@@ -109,7 +109,9 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     done = [t for t in record.trials if t.state == "complete"]
     out.append(f"Pareto front: {len(judged.front)} of {len(judged.feasible)} trials that meet the "
                f"constraints ({judged.constraints.describe()}), of {len(done)} completed "
-               f"({len(record.failed)} failed); ratios are to the baseline"
+               f"({len(record.failed)} failed"
+               + (f", {len(record.stopped)} stopped early" if record.stopped else "")
+               + "); ratios are to the baseline"
                + ("; a p99 ratio is the two servers simulated on times measured interleaved with the "
                   f"baseline's model in the trial's process, with its {100 * CONFIDENCE:.0f}% interval"
                   if serving else
@@ -136,6 +138,12 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
         out.append("Failed trials:")
         for t in record.failed:
             out.append(f"  #{t.number} {t.describe()} -> {record.failure_reason(t)}")
+    if record.stopped:
+        out.append("")
+        out.append("Stopped early (at a rung of the fine-tune; study/rungs.py, --no-early-stop turns it off):")
+        for t in record.stopped:
+            why = t.stopped.get("reason") or "interrupted while the study decided"
+            out.append(f"  #{t.number} {t.describe()} -> step {t.stopped.get('step', '?')}: {why}")
     if record.excluded:
         out.append("")
         out.append("Left out of the search space on this hardware:")
@@ -206,13 +214,14 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
 
 def studies_table(rdb, url: str) -> str:
     """The studies in a storage: name, workload, device, trial counts, baseline accuracy."""
-    rows = [[s.name, s.model or "-", s.device or "-", str(s.counts["complete"]), str(s.counts["fail"]),
-             str(s.counts["running"]), f"{s.baseline_accuracy:.4g}" if s.baseline_accuracy is not None else "-"]
+    rows = [[s.name, s.model or "-", s.device or "-", str(s.counts["complete"]), str(s.counts["pruned"]),
+             str(s.counts["fail"]), str(s.counts["running"]),
+             f"{s.baseline_accuracy:.4g}" if s.baseline_accuracy is not None else "-"]
             for s in StudySummary.all(rdb)]
     if not rows:
         return f"no studies in {url}; start one with advisor run"
-    return table(["study", "workload", "device", "completed", "failed", "running",
-                  "baseline accuracy"], rows, right={3, 4, 5, 6})
+    return table(["study", "workload", "device", "completed", "stopped early", "failed", "running",
+                  "baseline accuracy"], rows, right={3, 4, 5, 6, 7})
 
 
 def render_applied(applied) -> str:
@@ -376,5 +385,7 @@ class Progress(Events):
     def trial_finished(self, number: int, outcome: Outcome, front: int | None) -> None:
         if outcome.ok:
             self.finish(short_result(outcome.result), front)
+        elif outcome.stopped:
+            self.finish(outcome.reason)
         else:
             self.finish("interrupted" if outcome.reason == "interrupted" else f"FAILED: {outcome.reason}")

@@ -114,15 +114,15 @@ def test_a_serving_study_shows_p99_throughput_and_overload_everywhere(workdir):
 
 
 def _paired(rounds: dict, max_batch: int, rate: float = 50.0) -> dict:
-    from advisor.trial import pipeline
+    from advisor.trial import served
     from advisor.trial.spec import Settings
 
     settings = Settings(serving_rate=rate, serving_requests=400, serving_deadline_ms=1000.0)
     config = serving.ServingConfig(max_batch, 0.0)
     arrivals = serving.poisson_arrivals(rate, 400, 0)
     service = serving.ServiceTimes(lambda size: rounds[size][0], seed=0)
-    result = pipeline._serve(arrivals, service, config, settings)
-    return pipeline.paired_p99(result, rounds, None, arrivals, config, settings)
+    result = served._serve(arrivals, service, config, settings)
+    return served.paired_p99(result, rounds, None, arrivals, config, settings)
 
 
 def test_a_paired_p99_ratio_reads_one_for_the_baseline_and_two_for_a_model_twice_as_slow():

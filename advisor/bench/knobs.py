@@ -55,7 +55,7 @@ def one_at_a_time(model: str | None = None, device: str = "auto", *, study_dir: 
         full = [{**base, **c} for c in runnable]
         options = RunOptions(model=model, device=device, trials=len(full), enqueue=full,
                              storage=url, cache_dir=str(root / "cache"), study="knobs",
-                             sampler="random", seed=0, **settings)
+                             sampler="random", seed=0, early_stop=False, **settings)
         run(options, progress(len(full)))
         record = load("knobs", url)
         baseline = record.baseline

@@ -63,7 +63,8 @@ def noise(model: str | None = None, device: str = "auto", *, repeats: int = 5,
         root = Path(study_dir or tmp)
         url = f"sqlite:///{root / 'noise.db'}"
         options = dict(model=model, device=device, trials=len(queued), enqueue=queued, storage=url,
-                       cache_dir=str(root / "cache"), study="noise", sampler="random", seed=0, **settings)
+                       cache_dir=str(root / "cache"), study="noise", sampler="random", seed=0,
+                       early_stop=False, **settings)
         run(RunOptions(**options), progress(len(queued)))
         with cpu_load(busy):
             run(RunOptions(**options), progress(len(queued)))

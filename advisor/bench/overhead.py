@@ -26,7 +26,7 @@ def overhead(trials: int = 6, seed: int = 0, model: str | None = None,
     with tempfile.TemporaryDirectory(prefix="advisor-bench-") as tmp:
         options = RunOptions(model=model, trials=trials, seed=seed,
                                   storage=f"sqlite:///{Path(tmp) / 'bench.db'}",
-                                  cache_dir=str(Path(tmp) / "cache"))
+                                  cache_dir=str(Path(tmp) / "cache"), early_stop=False)
         result = run(options, progress(trials))
     rows = []
     for t in result.timings:

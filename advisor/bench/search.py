@@ -106,7 +106,7 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
     if todo:
         options = RunOptions(model=model, device=device, trials=len(todo), enqueue=todo,
                                   storage=url, cache_dir=str(root / "cache"), study=TABLE_STUDY,
-                                  sampler="random", seed=0, **settings)
+                                  sampler="random", seed=0, early_stop=False, **settings)
         run(options, progress(len(todo)))
     record = load(TABLE_STUDY, url)
     rows = {}
@@ -359,7 +359,8 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
 
 def _live_study(model, device, url: str, root: Path, name: str, trials: int, progress, **options):
     run_options = RunOptions(model=model, device=device, trials=trials, study_trials=trials,
-                                  storage=url, cache_dir=str(root / "cache"), study=name, **options)
+                                  storage=url, cache_dir=str(root / "cache"), study=name,
+                                  early_stop=False, **options)
     run(run_options, progress(trials))
     return load(name, url)
 

@@ -42,7 +42,8 @@ def workers(trials: int = 8, counts: tuple[int, ...] = (1, 2), progress: Progres
             root = Path(tmp)
             options = RunOptions(trials=trials, workers=n, enqueue=configs, sampler="random", seed=0,
                                  storage=f"sqlite:///{root / 'workers.db'}",
-                                 cache_dir=str(root / "cache"), study="workers", **settings)
+                                 cache_dir=str(root / "cache"), study="workers", early_stop=False,
+                                 **settings)
             result = run(options, progress(trials))
         busy = sum(t["ask_s"] + t["process_s"] + t["store_s"] for t in result.timings)
         waiting = sum(t["ask_s"] + t["store_s"] for t in result.timings)

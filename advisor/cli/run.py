@@ -31,6 +31,13 @@ def register(sub) -> None:
                    help="also stop when the study holds N trials, counting every worker's on every "
                         "machine: the budget of a study shared by several advisor run processes")
     common.add_study(p, help="study name (default: the workload's name)")
+    p.add_argument("--time-budget", type=duration, metavar="DURATION",
+                   help="stop starting trials this long after the run started, the baseline "
+                        "included (90s, 20m, 1.5h; the running ones finish), next to --trials: "
+                        "whichever comes first")
+    p.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                   help="run every trial to the end: no stopping at the rungs of its fine-tune "
+                        "(default: a trial dominated at a rung, or far outside a constraint, stops)")
     p.add_argument("--sampler", default="tpe", help="tpe (multivariate, default), nsga2, gp or random")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible knobs")
     p.add_argument("--try", dest="enqueue", action="append", type=knob_values, default=[],
@@ -88,6 +95,21 @@ def knob_values(text: str) -> dict:
     return values
 
 
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration(text: str) -> float:
+    """``90s``, ``20m``, ``1.5h`` or plain seconds -> seconds."""
+    value, unit = (text[:-1], text[-1]) if text[-1:].lower() in UNITS else (text, "s")
+    try:
+        seconds = float(value) * UNITS[unit.lower()]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 90s, 20m or 1.5h; got {text!r}")
+    return seconds
+
+
 def _number(value: str) -> int | float | str:
     for kind in (int, float):
         try:
@@ -125,6 +147,10 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(f"Dashboard: {dashboard.write(loaded, rec=rec)}")
     print(next_commands(result.study_name, options.storage))
+    if result.out_of_time:
+        ran = result.completed + result.failed + result.stopped
+        print(f"advisor: --time-budget reached after {ran} trial{'' if ran == 1 else 's'}; run again "
+              f"to add more", file=sys.stderr)
     if result.interrupted:
         print("advisor: interrupted; the trials above are stored, run again to resume",
               file=sys.stderr)

@@ -40,6 +40,7 @@ class Trials:
     recommended: int | None
     empty: str = ""
     serving: dict | None = None  # the study's serving load (rate, requests, deadline), if any
+    stopped: list[dict] = field(default_factory=list)  # number, knobs, step, reason: stopped at a rung
 
 
 @dataclass
@@ -89,10 +90,13 @@ class Context:
 
 
 def trials(record: StudyRecord, judged: Front, rec: Recommendation | None) -> Trials:
-    points, failed = [], []
+    points, failed, stopped = [], [], []
     for t in record.trials:
         if t.result is not None:
             points.append(Point(t.number, judged.status(t), t.metrics, t.knobs.to_dict()))
+        elif t.state == "pruned":
+            stopped.append({"number": t.number, "knobs": t.describe(), "step": t.stopped.get("step"),
+                            "reason": t.stopped.get("reason", "")})
         elif t.state in ("fail", "running"):
             reason = "running" if t.state == "running" else record.failure_reason(t)
             failed.append({"number": t.number, "knobs": t.describe(), "reason": reason,
@@ -100,7 +104,7 @@ def trials(record: StudyRecord, judged: Front, rec: Recommendation | None) -> Tr
     empty = "" if points else (f"no completed trial yet ({len(failed)} failed)" if failed
                                else "no trial yet")
     return Trials(points, failed, record.baseline_metrics, rec.number if rec else None, empty,
-                  record.serving)
+                  record.serving, stopped)
 
 
 def hypervolume(record: StudyRecord, judged: Front) -> Hypervolume:
@@ -139,6 +143,9 @@ def table(record: StudyRecord, judged: Front) -> list[Row]:
         state = "infeasible" if judged.status(t) == "infeasible" else t.state
         ratios = {k: v / base[k] for k, v in metrics.items() if base.get(k)}
         reason = record.failure_reason(t) if t.state == "fail" else ""
+        if t.state == "pruned":
+            state = f"stopped at step {t.stopped.get('step', '?')}"
+            reason = t.stopped.get("reason", "")
         served = (t.result or {}).get("serving", {})
         serving = {k: served[k] for k in ("p50_ms", "throughput_rps", "overload_share", "saturated")
                    if k in served}

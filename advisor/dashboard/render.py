@@ -240,6 +240,11 @@ def page(panels: dict, recommendation_text: str) -> str:
     failed = len(trials.failed)
     note = (f"<p>{failed} failed trial{' has' if failed == 1 else 's have'} no measurements: "
             f"see the table of all trials below.</p>") if failed else ""
+    if trials.stopped:
+        steps = ", ".join(f"#{s['number']} at step {s['step']}" for s in trials.stopped)
+        note += (f"<p>{len(trials.stopped)} trial{' was' if len(trials.stopped) == 1 else 's were'} "
+                 f"stopped early, at a rung of the fine-tune ({e(steps)}); never on the front. Why: "
+                 f"the table of all trials below.</p>")
     if trials.serving:
         sv = trials.serving
         note += (f"<p>Serving load: {sv['serving_rate']:g} requests/s, Poisson arrivals, "
@@ -279,7 +284,7 @@ def page(panels: dict, recommendation_text: str) -> str:
 def _summary(panels: dict) -> dict:
     """Counts the browser test compares with what rendered."""
     trials: panel.Trials = panels["trials"]
-    return {"points": len(trials.points), "failed": len(trials.failed),
+    return {"points": len(trials.points), "failed": len(trials.failed), "stopped": len(trials.stopped),
             "front": sum(1 for p in trials.points if p.status == "front"),
             "hypervolume": len(panels["hypervolume"].values)}
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 from advisor import hardware, space
-from advisor.study import loop, record, storage
+from advisor.study import loop, record, rungs, storage
 from advisor.study.baseline import ensure_baseline
 from advisor.study.loop import Events, RunResult
 from advisor.study.open import open_study
@@ -30,6 +31,7 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
     """Run (or resume) a study; see the module docstring for the steps."""
     check(options)
     events = events or Events()
+    started = time.monotonic()  # --time-budget counts from here: the baseline is part of the run
     clock = time.perf_counter()
     hw = hardware.detect(options.device)
     worker_slots = loop.slots(options.workers, hw)
@@ -61,7 +63,9 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
         setup["baseline_s"] = time.perf_counter() - clock
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
-    trials = loop.Loop(study, rdb, search, runner, spec, options, events, result, constraints)
+    if options.early_stop:
+        spec = replace(spec, rungs=rungs.rung_steps(settings.trial_steps, settings.warmup_steps))
+    trials = loop.Loop(study, rdb, search, runner, spec, options, events, result, constraints, began=started)
     began = time.perf_counter()
     try:
         loop.run_trials(trials, worker_slots)

@@ -13,6 +13,7 @@ one, ``advisor/report.py``); the loop itself prints nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -28,8 +29,9 @@ from advisor import hardware, objectives, space
 from advisor.constraints import Constraints
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
-from advisor.study import record, storage
+from advisor.study import record, rungs, storage
 from advisor.study.options import RunOptions
+from advisor.trial import measure
 from advisor.trial.runner import Outcome, TrialRunner
 from advisor.trial.spec import TrialSpec
 
@@ -62,6 +64,8 @@ class RunResult:
     failed: int
     front: list[int] = field(default_factory=list)
     interrupted: bool = False
+    stopped: int = 0  # trials stopped early at a rung (study/rungs.py), stored as pruned
+    out_of_time: bool = False  # --time-budget ended the run
     # Per trial, where the wall time went: sampler, trial process, storage writes.
     timings: list[dict] = field(default_factory=list)
     setup_s: dict = field(default_factory=dict)
@@ -71,6 +75,8 @@ class RunResult:
 def _store_outcome(trial: optuna.Trial, outcome: Outcome) -> None:
     if outcome.ok:
         record.write_result(trial, dict(outcome.result))
+    elif outcome.stopped:
+        record.write_partial(trial, dict(outcome.result), outcome.wall_s)
     else:
         record.write_failure(trial, outcome.reason, outcome.phase, outcome.log_tail, outcome.wall_s)
 
@@ -125,6 +131,9 @@ class Loop:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     started: int = 0
+    began: float = field(default_factory=time.monotonic)  # for --time-budget
+    rule: rungs.Rule = field(default_factory=rungs.Rule)
+    stops: dict[int, str] = field(default_factory=dict)  # trial number -> why the rung rule stopped it
 
 
 def run_trials(loop: Loop, worker_slots: list[Slot]) -> None:
@@ -188,6 +197,9 @@ def _next_trial(loop: Loop) -> tuple[optuna.Trial, Knobs, int] | None:
     options, study = loop.options, loop.study
     if loop.stop.is_set() or loop.started >= options.trials:
         return None
+    if options.time_budget is not None and time.monotonic() - loop.began >= options.time_budget:
+        loop.result.out_of_time = True  # the running trials finish; no new one starts
+        return None
 
     def ask():
         with warnings.catch_warnings():
@@ -228,13 +240,16 @@ def _worker(loop: Loop, slot: Slot) -> None:
         if slot.of > 1:
             record.write_worker(trial, slot.to_dict())
         events.trial_started(i, trial.number, knobs)
-        outcome = loop.runner.run(loop.spec.trial(trial.number, knobs, slot.cpus, slot.env),
-                                  loop.options.trial_timeout,
-                                  on_tick=_with_heartbeat(loop.rdb, trial, events.tick), stop=loop.stop)
+        spec = loop.spec.trial(trial.number, knobs, slot.cpus, slot.env)
+        outcome = loop.runner.run(spec, loop.options.trial_timeout,
+                                  on_tick=_with_heartbeat(loop.rdb, trial, events.tick), stop=loop.stop,
+                                  on_rung=functools.partial(_at_rung, loop, trial, knobs))
         t2 = time.perf_counter()
         if loop.stop.is_set() and not outcome.ok:
             # Ctrl-C reaches the trial process too: whatever it reported, it was interrupted.
             outcome = Outcome(ok=False, reason="interrupted", phase=outcome.phase)
+        elif outcome.stopped:
+            outcome.reason = loop.stops.pop(trial.number, outcome.reason)
         with loop.lock:
             _store_outcome(trial, outcome)
             if outcome.ok:
@@ -244,6 +259,10 @@ def _worker(loop: Loop, slot: Slot) -> None:
                     trial.set_constraint(key, value)
                 study.tell(trial, objectives.told(outcome.result, result.baseline["metrics"]))
                 result.completed += 1
+            elif outcome.stopped:
+                # Optuna's samplers take a pruned trial as worse than the completed ones.
+                study.tell(trial, state=TrialState.PRUNED)
+                result.stopped += 1
             else:
                 study.tell(trial, state=TrialState.FAIL)
                 result.failed += 1
@@ -256,6 +275,30 @@ def _worker(loop: Loop, slot: Slot) -> None:
             "phases": (outcome.result or {}).get("phases", {}),
         })
         events.trial_finished(trial.number, outcome, front)
+
+
+def _at_rung(loop: Loop, trial: optuna.Trial, knobs: Knobs, point: dict, cheap: dict) -> bool:
+    """The study's answer to a trial at a rung: store its point, compare it with every other
+    trial's point at that rung (``rungs.decide``), store a stop and its reason."""
+    base = loop.result.baseline["metrics"]
+    measured = {"latency_ms": cheap["latency_ms"]} if "latency_ms" in cheap else {}
+    if "size_bytes" in cheap:
+        measured["size_mib"] = cheap["size_bytes"] / measure.MIB
+    costs = {}
+    if "latency_ratio" in cheap:
+        costs["latency_ms"] = cheap["latency_ratio"]
+    if "size_mib" in measured and base.get("size_mib"):
+        costs["size_mib"] = measured["size_mib"] / base["size_mib"]
+    here = rungs.Point(trial.number, point["step"], point["accuracy"], costs, rungs.lightness(knobs))
+    with loop.lock:
+        record.write_rung(trial, {**here.to_dict(), "seconds": point.get("seconds")})
+        peers, gains = rungs.peers(loop.study.get_trials(deepcopy=False), here.step)
+        decision = rungs.decide(here, peers, baseline=base, constraints=loop.constraints, measured=measured,
+                                gains=gains, rule=loop.rule)
+        if decision.stop:
+            record.write_stopped(trial, {"step": here.step, "reason": decision.reason, "by": list(decision.by)})
+            loop.stops[trial.number] = f"stopped at step {here.step}: {decision.reason}"
+    return not decision.stop
 
 
 def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):

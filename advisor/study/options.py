@@ -51,6 +51,10 @@ class RunOptions:
     serving_rate: float | None = None  # requests/s: measure p99 latency under this load
     serving_requests: int | None = None
     serving_deadline_ms: float | None = None
+    # Search policy (not stored with the study: each run may choose): stop trials at rungs
+    # (study/rungs.py); stop starting trials this many seconds after the run started.
+    early_stop: bool = True
+    time_budget: float | None = None
     # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
     enqueue: list[dict] = field(default_factory=list)
     # Constraints (advisor.constraints): None takes the study's stored value, or the default.
@@ -77,6 +81,13 @@ def check(options: RunOptions) -> None:
         raise AdvisorError(f"--heartbeat must be a positive number of seconds; got {options.heartbeat!r}")
     if options.trial_memory_mb is not None and not options.trial_memory_mb > 0:
         raise AdvisorError(f"--trial-memory-mb must be > 0 MiB; got {options.trial_memory_mb!r}")
+    if options.time_budget is not None and (isinstance(options.time_budget, bool)
+                                            or not isinstance(options.time_budget, (int, float))
+                                            or not options.time_budget > 0):
+        raise AdvisorError(f"--time-budget must be a positive duration (90s, 20m, 1.5h); "
+                           f"got {options.time_budget!r}")
+    if not isinstance(options.early_stop, bool):
+        raise AdvisorError(f"early_stop must be True or False; got {options.early_stop!r}")
     if options.threads is not None and options.threads < 1:
         raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
     storage.parse_url(options.storage)

@@ -36,6 +36,9 @@ class TrialRecord:
     completed_at: dt.datetime | None = None
     retried_from: int | None = None  # the trial whose worker died and whose knobs this one retries
     seconds: float = 0.0  # from start to completion (0 while it runs)
+    rungs: tuple[dict, ...] = ()  # its points at the rungs it reached (``rungs.Point.to_dict``)
+    stopped: dict = field(default_factory=dict)  # a pruned trial's {"step", "reason", "by"}
+    partial: dict = field(default_factory=dict)  # what a stopped trial measured
 
     @property
     def values(self) -> list[float]:
@@ -71,8 +74,11 @@ class Front:
         return {t.number for t in self.feasible}, {t.number for t in self.front}
 
     def status(self, trial: TrialRecord) -> str:
-        """"front", "dominated", "infeasible" or "failed" (anything not completed)."""
+        """"front", "dominated", "infeasible", "stopped" (early, at a rung) or "failed"
+        (anything else not completed)."""
         feasible, front = self._numbers
+        if trial.state == "pruned":
+            return "stopped"
         if trial.result is None:
             return "failed"
         if trial.number not in feasible:
@@ -109,7 +115,10 @@ class StudyRecord:
                 TrialRecord(number=t.number, state=t.state.name.lower(), params=dict(t.params),
                             result=t.user_attrs.get("result") if t.state == TrialState.COMPLETE else None,
                             failure=dict(t.user_attrs.get("failure", {})), completed_at=t.datetime_complete,
-                            retried_from=retried(t), seconds=t.duration.total_seconds() if t.duration else 0.0)
+                            retried_from=retried(t), seconds=t.duration.total_seconds() if t.duration else 0.0,
+                            rungs=tuple(t.user_attrs.get("rungs", ())),
+                            stopped=dict(t.user_attrs.get("stopped", {})),
+                            partial=dict(t.user_attrs.get("partial", {})))
                 for t in frozen)
         return cls(name=study.study_name, directions=tuple(d.name.lower() for d in study.directions),
                    trials=trials, baseline=attrs.get("baseline"), settings=dict(attrs.get("settings", {})),
@@ -129,6 +138,11 @@ class StudyRecord:
     @property
     def failed(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.state == "fail"]
+
+    @property
+    def stopped(self) -> list[TrialRecord]:
+        """Trials the rung rule stopped early (stored as pruned), in trial order."""
+        return [t for t in self.trials if t.state == "pruned"]
 
     @property
     def serving(self) -> dict | None:
@@ -182,7 +196,7 @@ class StudySummary:
     name: str
     model: str | None
     device: str | None
-    counts: dict[str, int]  # trials per state: "complete", "fail", "running"
+    counts: dict[str, int]  # trials per state: "complete", "pruned", "fail", "running"
     baseline_accuracy: float | None
 
     @classmethod
@@ -192,7 +206,7 @@ class StudySummary:
             attrs = summary.user_attrs
             trials = rdb.get_all_trials(summary._study_id, deepcopy=False)
             counts = {state.name.lower(): sum(1 for t in trials if t.state == state)
-                      for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+                      for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
             out.append(cls(summary.study_name, attrs.get("workload", {}).get("model"),
                            attrs.get("hardware", {}).get("device"), counts,
                            attrs.get("baseline", {}).get("metrics", {}).get("accuracy")))
@@ -245,6 +259,23 @@ def write_result(trial: optuna.Trial, result: dict) -> None:
     # The paired ratios also stand on their own, for plain Optuna readers (optuna-dashboard).
     for key, paired in result.get("paired", {}).items():
         trial.set_user_attr(f"{key}_ratio", {k: paired[k] for k in ("ratio", "low", "high")})
+
+
+def write_rung(trial: optuna.Trial, point: dict) -> None:
+    """A trial's point at a rung (``rungs.Point.to_dict``), after the ones before it: every
+    worker's rung rule reads them from the storage."""
+    stored = trial.storage.get_trial_user_attrs(trial._trial_id).get("rungs", [])
+    trial.set_user_attr("rungs", [*stored, point])
+
+
+def write_stopped(trial: optuna.Trial, decision: dict) -> None:
+    """Why the rung rule stopped the trial: ``{"step", "reason", "by"}``."""
+    trial.set_user_attr("stopped", decision)
+
+
+def write_partial(trial: optuna.Trial, measured: dict, wall_s: float) -> None:
+    """What a stopped trial measured before it stopped (its cheap objectives, its phases)."""
+    trial.set_user_attr("partial", {**measured, "wall_s": wall_s})
 
 
 def write_failure(trial: optuna.Trial, reason: str, phase: str, log_tail: str, wall_s: float) -> None:

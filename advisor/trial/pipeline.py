@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from advisor import serving
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
-from advisor.knobs import baseline as knobs_baseline
-from advisor.objectives import CONFIDENCE
 from advisor.techniques import checkpointing, distillation, precision
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.batcher import BatcherConfig
@@ -27,7 +26,7 @@ from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
 from advisor.techniques.quantization import QuantizationConfig
-from advisor.trial import compress, measure, profile
+from advisor.trial import compress, measure, profile, served
 from advisor.trial.cache import StudyCache
 from advisor.trial.mapped import MappedSplit
 from advisor.trial.measure import MIB, MemoryMeter
@@ -36,13 +35,35 @@ from advisor.trial.train import Trainer, fine_tune, training_memory
 from advisor.workload import WorkloadRef, call_model, to_device
 
 
-def run(spec: TrialSpec, phase) -> dict:
+def run(spec: TrialSpec, phase, rung: Rung | None = None) -> dict:
     """Run the trial ``spec`` describes; its JSON-able result."""
-    return measure_trial(spec, phase)[0]
+    return measure_trial(spec, phase, rung)[0]
 
 
-def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
-    """The trial's result and its deployable model (``advisor apply`` keeps the model)."""
+# Asked at each of ``spec.rungs`` with the trial's point there (its step and accuracy) and the
+# cost ratios it has measured: whether the trial goes on (``study/rungs.py`` decides).
+Rung = Callable[[dict, dict], bool]
+
+
+class Stopped(Exception):
+    """The study stopped the trial at a rung; what it had measured goes back with it."""
+
+    def __init__(self, points: list[dict], cheap: Timed | None) -> None:
+        super().__init__(f"stopped at step {points[-1]['step']}")
+        self.points, self.cheap = points, cheap
+
+    def partial(self) -> dict:
+        """What a stopped trial stores: its rung points and its cheap objectives."""
+        out: dict = {"rungs": self.points}
+        if self.cheap is not None:
+            out.update(self.cheap.to_dict())
+        return out
+
+
+def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dict, compress.Deployable]:
+    """The trial's result and its deployable model (``advisor apply`` keeps the model). With
+    ``spec.rungs``, the cheap objectives come first and ``rung`` is asked at each rung; a trial
+    it stops raises :class:`Stopped`."""
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.settings.seed)
     device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
@@ -81,6 +102,29 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
     phase("prune")
     teacher = distillation.teacher(model, knobs.config(DistillationConfig))  # the baseline, before compression
     student, pruned = compress.student(model, knobs, example, spec.keep)
+    calibrated = knobs.config(QuantizationConfig).calibrated
+    reference = reference_model(spec.cache, spec.ref, device) if spec.role != "baseline" else None
+
+    def build() -> tuple[compress.Deployable, float]:
+        phase("quantize")
+        began = time.perf_counter()
+        calibration = calibration_batches(train, settings.latency_batch, device) if calibrated else []
+        return compress.deployable(student, knobs, example, calibration), time.perf_counter() - began
+
+    def timed(deploy: compress.Deployable) -> Timed:
+        return time_deployable(deploy, precision_cfg, batch, one, val, knobs, settings, device, reference, phase)
+
+    cheap: Timed | None = None
+    quantize_s = 0.0
+    if spec.rungs:
+        # Cheap objectives first: what the structure alone decides, before the fine-tune. A
+        # kernel's time does not depend on the weights' values, so the deployable model built
+        # from the pruned, untrained weights times as the fine-tuned one will, and its weights
+        # take the same bytes. The rung points carry them, so a trial can stop on them.
+        early, quantize_s = build()
+        cheap = timed(early)
+        cheap.size_bytes = measure.weight_bytes(early.module)
+        del early
 
     phase("train")
     wrapped = checkpointing.apply(student, knobs.config(CheckpointConfig))
@@ -89,40 +133,31 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
                       steps=settings.trial_steps, device=device, seed=settings.seed,
                       teacher=teacher, lengths=lengths)
     meter = MemoryMeter(device)
-    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter)
+    points: list[dict] = []
+
+    def at_step(i: int) -> None:
+        if i + 1 not in spec.rungs:
+            return
+        phase("rung")
+        accuracy = rung_accuracy(student, val, metric, precision_cfg, settings.latency_batch, device)
+        # The trial's wall time so far: what stopping it here costs (the search benchmark's unit).
+        points.append({"step": i + 1, "accuracy": accuracy,
+                       "seconds": time.time() - spec.spawned_at if spec.spawned_at else None})
+        go_on = rung is None or rung(points[-1], cheap.cheap() if cheap else {})
+        phase("train")
+        if not go_on:
+            raise Stopped(points, cheap)
+
+    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter, on_step=at_step)
     training_pools = measure.graph_pool_bytes(device)  # before inference records graphs of its own
 
-    phase("quantize")
-    began = time.perf_counter()
-    calibration = (calibration_batches(train, settings.latency_batch, device)
-                   if knobs.config(QuantizationConfig).calibrated else [])
-    deploy = compress.deployable(student, knobs, example, calibration)
-    quantize_s = time.perf_counter() - began
+    deploy, seconds = build()
+    quantize_s += seconds
+    measured = cheap or timed(deploy)
+    latency, latency_b1, paired, serve = measured.latency, measured.latency_b1, measured.paired, measured.serve
     autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
-
-    @torch.no_grad()
-    def infer(inputs=batch):
-        with precision.autocast(autocast_on, device.type):
-            return call_model(deploy.run, inputs)
-
-    # Latency first: its first timed call is where a compiled model compiles for inference.
-    phase("latency")
-    latency = measure.time_calls(infer, device, budget_s=settings.latency_seconds)
-    latency_b1 = measure.time_calls(lambda: infer(one), device,
-                                    budget_s=settings.latency_seconds / 2)
-
-    # The ratios to the baseline: its model timed in this process, interleaved with this one.
-    paired = {}
-    reference = reference_model(spec.cache, spec.ref, device) if spec.role != "baseline" else None
-    if reference is not None:
-        phase("paired")
-        paired = paired_latency(infer, reference, batch, one, device, settings.latency_seconds)
-
-    serve = None
+    infer = inference(deploy, precision_cfg, device, batch)
     batcher = knobs.config(BatcherConfig)
-    if settings.serving_rate > 0 and batcher.enabled:
-        phase("serving")
-        serve = measure_serving(infer, val, batcher, settings, device, reference)
 
     phase("evaluate")
     scores = measure.evaluate_parts(deploy.run, val, metric, batch=settings.latency_batch,
@@ -183,6 +218,7 @@ def measure_trial(spec: TrialSpec, phase) -> tuple[dict, compress.Deployable]:
         "compile_s": compile_s,
         "size_bytes": size,
         "compression": {**pruned, **deploy.info, "quantize_s": quantize_s},
+        **({"rungs": points} if points else {}),
         "checkpointed_blocks": wrapped,
         "process_peak_mib": meter.process_peak() / MIB,
         "profile": {"train": train_ops, "inference": infer_ops},
@@ -196,6 +232,78 @@ def latency_inputs(val: MappedSplit, latency_batch: int, device: torch.device) -
     batch, _ = val.batch(measure.fixed_batches(len(val), latency_batch)[0][0])
     one, _ = val.batch(slice(0, 1))
     return to_device(batch, device), to_device(one, device)
+
+
+@dataclass
+class Timed:
+    """What timing a deployable model measured: latency at the serving batch and at batch 1,
+    the paired ratios to the baseline, and under a serving load the simulated server."""
+
+    latency: measure.Timing
+    latency_b1: measure.Timing
+    paired: dict
+    serve: dict | None
+    size_bytes: int | None = None  # the weights' bytes, where measured with the timing
+
+    def cheap(self) -> dict:
+        """What a rung point carries: the latency objective's paired ratio to the baseline
+        (in a serving study, the p99's) and the weights' bytes, where measured."""
+        pair = self.serve.get("paired") if self.serve else self.paired.get("latency")
+        own = self.serve["result"].p99_ms if self.serve else self.latency.median_ms
+        return {"latency_ms": own, **({"latency_ratio": pair["ratio"]} if pair else {}),
+                **({"size_bytes": self.size_bytes} if self.size_bytes is not None else {})}
+
+    def to_dict(self) -> dict:
+        return {"latency": self.latency.to_dict(), "latency_batch1": self.latency_b1.to_dict(),
+                **({"paired": self.paired} if self.paired else {}),
+                **({"size_bytes": self.size_bytes} if self.size_bytes is not None else {})}
+
+
+def inference(deploy: compress.Deployable, precision_cfg: PrecisionConfig, device: torch.device, batch):
+    """A call of the deployable model on ``batch`` (or the inputs given), under the trial's
+    autocast where the model keeps it, without gradients."""
+    autocast_on = precision_cfg if deploy.autocast else PrecisionConfig()
+
+    @torch.no_grad()
+    def infer(inputs=batch):
+        with precision.autocast(autocast_on, device.type):
+            return call_model(deploy.run, inputs)
+
+    return infer
+
+
+def time_deployable(deploy: compress.Deployable, precision_cfg: PrecisionConfig, batch, one, val: MappedSplit,
+                    knobs: Knobs, settings: Settings, device: torch.device,
+                    reference: torch.nn.Module | None, phase) -> Timed:
+    """Latency (its first timed call is where a compiled model compiles for inference), then
+    the ratios to the baseline's model timed in this process, interleaved with this one, then
+    under a serving load the simulated server."""
+    infer = inference(deploy, precision_cfg, device, batch)
+    phase("latency")
+    latency = measure.time_calls(infer, device, budget_s=settings.latency_seconds)
+    latency_b1 = measure.time_calls(lambda: infer(one), device, budget_s=settings.latency_seconds / 2)
+    paired = {}
+    if reference is not None:
+        phase("paired")
+        paired = paired_latency(infer, reference, batch, one, device, settings.latency_seconds)
+    serve = None
+    batcher = knobs.config(BatcherConfig)
+    if settings.serving_rate > 0 and batcher.enabled:
+        phase("serving")
+        serve = served.measure_serving(infer, val, batcher, settings, device, reference)
+    return Timed(latency, latency_b1, paired, serve)
+
+
+def rung_accuracy(student: torch.nn.Module, val: MappedSplit, metric, precision_cfg: PrecisionConfig,
+                  batch: int, device: torch.device) -> float:
+    """The accuracy of the model being fine-tuned, so far: eager, in eval mode, under the
+    trial's training precision, on the validation split's selection part only."""
+    student.eval()
+    try:
+        return measure.evaluate_parts(student, val, metric, batch=batch, device=device,
+                                      autocast=precision.autocast(precision_cfg, device.type))["selection"]
+    finally:
+        student.train()
 
 
 def reference_model(cache: StudyCache, ref: WorkloadRef, device: torch.device) -> torch.nn.Module:
@@ -218,107 +326,6 @@ def paired_latency(infer, reference: torch.nn.Module, batch, one, device: torch.
     return {"latency": measure.time_paired(infer, base, device, budget_s=budget_s).to_dict(),
             "latency_batch1": measure.time_paired(lambda: infer(one), lambda: base(one), device,
                                                   budget_s=budget_s / 2).to_dict()}
-
-
-def measure_serving(infer, val: MappedSplit, batcher: BatcherConfig, settings: Settings,
-                    device: torch.device, reference: torch.nn.Module | None = None) -> dict:
-    """Request latency under the study's Poisson load: the simulated batcher and server of
-    ``advisor/serving.py``, each batch taking one of the times measured at its padded size
-    (measured once each, on first use, like the latency objective).
-
-    With the baseline's ``reference`` model, each size's calls are timed interleaved with the
-    reference's at batch 1 (``measure.time_paired``), and the baseline's server (each request
-    alone, ``knobs.baseline``) is simulated on the same arrivals from those reference calls:
-    the p99 ratio of the two is paired like a batch latency's, with an interval from
-    re-simulating both on rounds resampled together (``paired_p99``)."""
-    timings: dict[int, measure.Timing] = {}
-    rounds: dict[int, tuple[list[float], list[float]]] = {}  # size -> (this model's s, baseline's s)
-
-    def inputs_at(size: int):
-        return to_device(val.batch(np.arange(size) % len(val))[0], device)
-
-    def time_batch(size: int) -> list[float]:
-        inputs = inputs_at(size)
-        if reference is None:
-            timings[size] = measure.time_calls(lambda: infer(inputs), device,
-                                               budget_s=settings.latency_seconds / 2)
-            return [t / 1e3 for t in timings[size].samples_ms]
-        one = inputs_at(1)
-        measure.synchronize(device)
-        began = time.perf_counter()
-        infer(inputs)  # a compiled model compiles for this size here, as time_calls' first call
-        measure.synchronize(device)
-        first_ms = (time.perf_counter() - began) * 1e3
-
-        @torch.no_grad()
-        def base():
-            return call_model(reference, one)
-
-        pair = measure.time_paired(lambda: infer(inputs), base, device, budget_s=settings.latency_seconds / 2)
-        rounds[size] = (list(pair.seconds[0]), list(pair.seconds[1]))
-        timings[size] = measure.Timing.of([t * 1e3 for t in rounds[size][0]], first_ms)
-        return rounds[size][0]
-
-    config = batcher.simulated()
-    arrivals = serving.poisson_arrivals(settings.serving_rate, settings.serving_requests, settings.seed)
-    result = _serve(arrivals, serving.ServiceTimes(time_batch, seed=settings.seed), config, settings)
-    out = {"result": result, "timings": dict(sorted(timings.items()))}
-    if reference is not None:
-        out["paired"] = paired_p99(result, rounds, time_batch, arrivals, config, settings)
-    return out
-
-
-def _serve(arrivals, service: serving.ServiceTimes, config: serving.ServingConfig,
-           settings: Settings) -> serving.ServingResult:
-    """One simulated run of ``arrivals`` on a server whose batches take ``service``'s times."""
-    return serving.simulate(arrivals, lambda n: service(serving.bucket(n, config.max_batch)), config,
-                            deadline_ms=settings.serving_deadline_ms, warmup=serving.WARMUP,
-                            queue_limit=serving.queue_bound(service.capacity_rps(config.max_batch),
-                                                            config.max_batch, settings.serving_deadline_ms),
-                            typical_s=lambda n: service.median(serving.bucket(n, config.max_batch)))
-
-
-PAIRED_P99_RESAMPLES = 50
-
-
-def paired_p99(result: serving.ServingResult, rounds: dict[int, tuple[list[float], list[float]]],
-               time_batch, arrivals, config: serving.ServingConfig, settings: Settings) -> dict:
-    """This model's simulated p99 over the baseline's, from calls timed interleaved
-    (``rounds``: per padded size, this model's seconds and the baseline's at batch 1 in the
-    same rounds). The baseline's server runs each request alone on the pooled batch-1 calls,
-    on the same arrivals. The interval: both simulated again on rounds resampled together,
-    ``PAIRED_P99_RESAMPLES`` times (a size a resample's batches reach that the run did not is
-    timed then, paired like the others)."""
-    alone = knobs_baseline(settings.lr, serving=True).config(BatcherConfig).simulated()
-
-    def reference_p99(chosen: dict[int, tuple[list[float], list[float]]]) -> float:
-        calls = [t for _, base in chosen.values() for t in base]
-        service = serving.ServiceTimes(lambda size: calls, seed=settings.seed)
-        return _serve(arrivals, service, alone, settings).p99_ms
-
-    base_p99 = reference_p99(rounds)
-    rng = np.random.default_rng(settings.seed)
-
-    def resampler(chosen: dict[int, tuple[list[float], list[float]]]):
-        def resampled(size: int) -> list[float]:
-            if size not in rounds:
-                time_batch(size)
-            mine, base = rounds[size]
-            pick = rng.integers(len(mine), size=len(mine))
-            chosen[size] = ([mine[i] for i in pick], [base[i] for i in pick])
-            return chosen[size][0]
-        return resampled
-
-    ratios = []
-    for _ in range(PAIRED_P99_RESAMPLES):
-        chosen: dict[int, tuple[list[float], list[float]]] = {}
-        service = serving.ServiceTimes(resampler(chosen), seed=settings.seed)
-        ratios.append(_serve(arrivals, service, config, settings).p99_ms / reference_p99(chosen))
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail])
-    return {"ratio": result.p99_ms / base_p99, "low": float(low), "high": float(high),
-            "rounds": min(len(mine) for mine, _ in rounds.values()), "ms": result.p99_ms,
-            "reference_ms": base_p99, "resamples": PAIRED_P99_RESAMPLES}
 
 
 def calibration_batches(train: MappedSplit, batch: int, device: torch.device,

@@ -50,15 +50,28 @@ def main(spec: TrialSpec, conn) -> None:
         if spec.cpus:
             os.sched_setaffinity(0, spec.cpus)
         limit_memory(spec)
-        result = pipeline.run(spec, clock)
-        result["phases"] = clock.durations()
-        result["phases"]["start"] = max(0.0, started - spec.spawned_at) if spec.spawned_at else 0.0
+
+        def ask(point: dict, costs: dict) -> bool:
+            """The study's decision at a rung (the runner answers with the loop's rung rule)."""
+            conn.send(("rung", point, costs))
+            return conn.recv() == "go"
+
+        result = pipeline.run(spec, clock, ask if spec.rungs else None)
+        result["phases"] = _phases(clock, started, spec)
         conn.send(("result", result))
+    except pipeline.Stopped as stopped:
+        conn.send(("stopped", {**stopped.partial(), "phases": _phases(clock, started, spec)}, clock.current))
     except BaseException as exc:  # everything becomes data for the study
         traceback.print_exc()
         conn.send(("error", reason_of(exc, spec.memory_limit_mb), traceback.format_exc(), clock.current))
     finally:
         conn.close()
+
+
+def _phases(clock: _PhaseClock, started: float, spec: TrialSpec) -> dict[str, float]:
+    phases = clock.durations()
+    phases["start"] = max(0.0, started - spec.spawned_at) if spec.spawned_at else 0.0
+    return phases
 
 
 def redirect_output(log: Path) -> tuple[int, int]:
@@ -143,5 +156,9 @@ class _PhaseClock:
         self.conn.send(("phase", name, now))
 
     def durations(self) -> dict[str, float]:
+        """Seconds per phase, summed over its spans (the fine-tune is cut by its rungs)."""
         ends = [t for _, t in self.marks[1:]] + [time.time()]
-        return {name: end - t for (name, t), end in zip(self.marks, ends, strict=True)}
+        out: dict[str, float] = {}
+        for (name, t), end in zip(self.marks, ends, strict=True):
+            out[name] = out.get(name, 0.0) + end - t
+        return out

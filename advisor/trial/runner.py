@@ -43,6 +43,7 @@ class Outcome:
     traceback: str = ""
     log_tail: str = ""
     wall_s: float = 0.0
+    stopped: bool = False  # the study stopped it at a rung; ``result`` holds what it measured
 
 
 class TrialRunner:
@@ -58,13 +59,16 @@ class TrialRunner:
 
     def run(self, spec: TrialSpec, timeout: float,
             on_tick: Callable[[str, float], None] | None = None,
-            stop: threading.Event | None = None) -> Outcome:
-        """Run ``spec`` in a new process; ``stop`` (set on Ctrl-C) ends it as "interrupted"."""
+            stop: threading.Event | None = None,
+            on_rung: Callable[[dict, dict], bool] | None = None) -> Outcome:
+        """Run ``spec`` in a new process; ``stop`` (set on Ctrl-C) ends it as "interrupted".
+        At each of ``spec.rungs`` the trial sends its point and cheap costs, and ``on_rung``
+        answers whether it goes on (without one, it always does)."""
         from advisor.trial import process as trial_process
 
         began = time.time()
         spec = replace(spec, spawned_at=began)
-        receiver, sender = self.ctx.Pipe(duplex=False)
+        receiver, sender = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(target=trial_process.main, args=(spec, sender), daemon=True)
         with _main_not_reimported():
             process.start()
@@ -79,8 +83,16 @@ class TrialRunner:
                         break  # the process died; its exit status says how
                     if message[0] == "phase":
                         phase = message[1]
+                    elif message[0] == "rung":
+                        go_on = on_rung is None or on_rung(message[1], message[2])
+                        with contextlib.suppress(OSError):  # the trial died meanwhile: its exit says how
+                            receiver.send("go" if go_on else "stop")
                     elif message[0] == "result":
                         outcome = Outcome(ok=True, result=message[1], phase=phase)
+                    elif message[0] == "stopped":
+                        step = message[1]["rungs"][-1]["step"]
+                        outcome = Outcome(ok=False, result=message[1], phase=message[2], stopped=True,
+                                          reason=f"stopped early at step {step}")
                     else:
                         _, reason, tb, phase = message
                         outcome = Outcome(ok=False, reason=reason, traceback=tb, phase=phase)

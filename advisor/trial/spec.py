@@ -91,6 +91,7 @@ class TrialSpec:
     memory_limit_mb: float | None = None  # --trial-memory-mb: see process.limit_memory
     cpus: tuple[int, ...] = ()  # with --workers: the cores this trial's process may run on
     lengths: str | int | None = None  # Workload.lengths: the input holding the attention mask
+    rungs: tuple[int, ...] = ()  # fine-tune steps where the study may stop it (study/rungs.py)
 
     @classmethod
     def template(cls, workload: Workload, ref: WorkloadRef, cache: StudyCache, settings: Settings,

@@ -202,28 +202,38 @@ class Trainer:
 
 def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMeter,
               on_step: Callable[[int], None] | None = None) -> TrainReport:
-    """Run ``steps`` optimizer steps; time the ones after ``warmup_steps``."""
+    """Run ``steps`` optimizer steps; time the ones after ``warmup_steps``. ``on_step(i)``
+    runs after step ``i`` (a rung's evaluation), its time left out of the steps'."""
     device = trainer.device
+    aside = [0.0]  # seconds spent in on_step
+
+    def step_done(i: int) -> None:
+        if on_step is None:
+            return
+        synchronize(device)
+        began = time.perf_counter()
+        on_step(i)
+        synchronize(device)
+        aside[0] += time.perf_counter() - began
     trainer.model.train()
     synchronize(device)
     level0 = meter.level()
     began = time.perf_counter()
     for i in range(warmup_steps):
         trainer.step()
-        if on_step:
-            on_step(i)
+        step_done(i)
     trainer.take_loss(warmup_steps)
     synchronize(device)
-    warmup_s = time.perf_counter() - began
+    warmup_s = time.perf_counter() - began - aside[0]
     runtime_init = meter.level() - level0
     counted = trainer.counts()
+    aside[0] = 0.0
     began = time.perf_counter()
     for i in range(warmup_steps, steps):
         trainer.step()
-        if on_step:
-            on_step(i)
+        step_done(i)
     synchronize(device)
-    measured_s = time.perf_counter() - began
+    measured_s = time.perf_counter() - began - aside[0]
     samples, tokens, padded = (now - before for now, before in zip(trainer.counts(), counted, strict=True))
     final_loss = trainer.take_loss(steps - warmup_steps)
     measured_steps = steps - warmup_steps

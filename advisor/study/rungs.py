@@ -1,0 +1,162 @@
+"""Pareto-aware early stopping: the rung rule that decides whether a running trial goes on.
+
+A trial's fine-tune is cut at rungs (``RUNGS``: fractions of ``--trial-steps``). Before the
+first rung it has measured what its structure alone decides (the cheap objectives: size, and
+the latency of its deployable model paired with the baseline's where the trial measures it
+first); at each rung it measures accuracy on the selection data with the weights it has so
+far. The study then compares that point with every other trial's point at the same rung
+(completed, stopped or still running, from any worker: the points are stored with the
+trials) and the trial either goes on or stops (:func:`decide`):
+
+- **Dominated beyond a margin.** It stops when at least ``Rule.dominators`` other trials at
+  the same rung beat it by the margins: at least ``Rule.accuracy_points`` more accurate, or
+  as accurate (within those points) and cheaper by ``Rule.cost_margin`` in a cost, and never
+  costlier in a cost it has measured. A cost the trial has measured that the other has not
+  counts as unbeatable, so a trial is never stopped on a guess. Memory is measured last (its
+  window changes how the C library allocates for the rest of the process), so it is not in
+  the point; a trial is only stopped by trials whose memory-saving training knobs
+  (:func:`lightness`: half precision, accumulation, checkpointing) save at least as much as
+  its own. Nothing stops before
+  ``Rule.min_peers`` other trials have reached the rung.
+- **Outside a constraint.** It stops when its accuracy at the rung is below the baseline's by
+  more than ``--max-accuracy-drop`` plus the most any completed trial that was as far behind
+  at that rung (or further; within ``Rule.accuracy_points``) gained by its end
+  (``Rule.default_gain`` points until ``Rule.min_history`` such trials have completed), or
+  when a cheap objective already misses a hard limit (size exactly; latency by more than
+  ``Rule.cost_margin``).
+
+Only what this module returns decides; the trial loop (``loop.py``) stores the points and
+the decision, and tells Optuna a stopped trial as pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from advisor.constraints import Constraints
+from advisor.knobs import Knobs
+
+RUNGS = (0.25, 0.5)  # fractions of --trial-steps where a trial's accuracy is compared
+
+# The cheap objectives a rung point may carry, as cost ratios to the baseline (lower is better).
+CHEAP = ("latency_ms", "size_mib")
+
+
+def rung_steps(trial_steps: int, warmup_steps: int = 0) -> tuple[int, ...]:
+    """The optimizer steps after which a trial of ``trial_steps`` reports (each past the
+    warm-up and before the end; duplicates dropped)."""
+    steps = sorted({round(f * trial_steps) for f in RUNGS})
+    return tuple(s for s in steps if warmup_steps < s < trial_steps)
+
+
+@dataclass(frozen=True)
+class Rule:
+    accuracy_points: float = 1.0  # a dominating trial is this many points more accurate...
+    cost_margin: float = 0.05  # ...and this share cheaper in each cost it knows
+    dominators: int = 2  # trials that must dominate it
+    min_peers: int = 4  # other trials at the rung before anything stops
+    default_gain: float = 10.0  # points a trial may still gain after a rung, before history says
+    min_history: int = 3  # completed trials with rung points before their gains are used
+
+
+@dataclass(frozen=True)
+class Point:
+    """One trial at one rung: its accuracy then and the cost ratios it has measured."""
+
+    number: int
+    step: int
+    accuracy: float
+    costs: Mapping[str, float] = field(default_factory=dict)  # CHEAP name -> ratio to the baseline
+    light: tuple[float, ...] = ()  # lightness(knobs): what its training knobs do for memory
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "accuracy": self.accuracy, "costs": dict(self.costs), "light": list(self.light)}
+
+    @classmethod
+    def from_dict(cls, number: int, values: Mapping) -> Point:
+        return cls(number, int(values["step"]), float(values["accuracy"]), dict(values.get("costs", {})),
+                   tuple(values.get("light", ())))
+
+
+def lightness(knobs: Knobs) -> tuple[float, ...]:
+    """What the knobs that exist to save training memory do, each higher = saves more: half
+    precision, accumulation steps, the share of blocks checkpointed. (Pruning saves memory
+    too, and shows in size; a teacher or QAT's observers cost some, the model's state.)"""
+    every = knobs.checkpoint_every
+    return (float(knobs.precision != "fp32"), float(knobs.accumulation), 1.0 / every if every else 0.0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str = ""
+    by: tuple[int, ...] = ()  # the trials that dominate it (when that is why it stops)
+
+
+def peers(trials: Iterable, step: int) -> tuple[list[Point], list[tuple[float, float]]]:
+    """From a study's trials (Optuna's frozen trials): every stored point at ``step``, and for
+    each completed trial, its accuracy there and how much its final accuracy gained on it."""
+    points, gains = [], []
+    for t in trials:
+        for values in t.user_attrs.get("rungs", ()):
+            if values["step"] != step:
+                continue
+            points.append(Point.from_dict(t.number, values))
+            result = t.user_attrs.get("result") if t.state.name == "COMPLETE" else None
+            if result:
+                gains.append((values["accuracy"], result["metrics"]["accuracy"] - values["accuracy"]))
+    return points, gains
+
+
+def dominates_by_margin(a: Point, b: Point, rule: Rule) -> bool:
+    """``a`` beats ``b`` by the margins: ``a`` saves at least as much memory by its knobs,
+    is no costlier in any cost ``b`` has measured (``a`` must have measured it too), and is
+    either ``Rule.accuracy_points`` more accurate, or as accurate within those points and
+    ``Rule.cost_margin`` cheaper in one cost."""
+    if a.light and b.light and any(x < y for x, y in zip(a.light, b.light, strict=True)):
+        return False
+    shared = [name for name in CHEAP if name in b.costs]
+    if any(name not in a.costs or a.costs[name] > b.costs[name] for name in shared):
+        return False
+    points = (a.accuracy - b.accuracy) * 100
+    if points >= rule.accuracy_points:
+        return True
+    cheaper = any(a.costs[name] <= b.costs[name] * (1 - rule.cost_margin) for name in shared)
+    return points > -rule.accuracy_points and cheaper and a.accuracy >= b.accuracy
+
+
+def decide(point: Point, peers: Iterable[Point], *, baseline: Mapping[str, float], constraints: Constraints,
+           measured: Mapping[str, float] = {}, gains: Iterable[tuple[float, float]] = (),
+           rule: Rule = Rule()) -> Decision:
+    """Whether the trial at ``point`` stops. ``peers``: the other trials' points at the same
+    rung; ``baseline``: the baseline's metrics; ``measured``: the trial's cheap objectives as
+    values (``latency_ms``, its own; ``size_mib``), for the hard limits; ``gains``: each
+    completed trial's accuracy at this rung and how much it rose from there to its end."""
+    limit = constraints.max_accuracy_drop
+    if limit is not None:
+        # What trials as far behind at this rung gained by their end: one near the baseline
+        # here has little left to gain, one far behind (pruned hard) may recover more.
+        behind = [gain for accuracy, gain in gains if accuracy <= point.accuracy + rule.accuracy_points / 100]
+        slack = max(0.0, max(behind) * 100 if len(behind) >= rule.min_history else rule.default_gain)
+        drop = (baseline["accuracy"] - point.accuracy) * 100
+        if drop > limit + slack:
+            return Decision(True, f"accuracy {point.accuracy:.4g} at step {point.step} is {drop:.1f} points "
+                                  f"below the baseline: past --max-accuracy-drop {limit:g} even with the "
+                                  f"{slack:.1f} points trials gained after this step")
+    hard = (("size_mib", "max_size_mb", "MiB", 0.0), ("latency_ms", "max_latency_ms", "ms", rule.cost_margin))
+    for name, key, unit, margin in hard:
+        bound = getattr(constraints, key)
+        if bound is not None and name in measured and measured[name] > bound * (1 + margin):
+            return Decision(True, f"its {name.split('_')[0]}, {measured[name]:.3g} {unit}, already misses "
+                                  f"--{key.replace('_', '-')} {bound:g}")
+    peers = [p for p in peers if p.number != point.number and p.step == point.step]
+    if len(peers) < rule.min_peers:
+        return Decision(False)
+    by = tuple(sorted(p.number for p in peers if dominates_by_margin(p, point, rule)))
+    if len(by) >= rule.dominators:
+        return Decision(True, f"{len(by)} trials ({', '.join(f'#{n}' for n in by)}) beat it at step "
+                              f"{point.step} by the margins ({rule.accuracy_points:g} points of accuracy, "
+                              f"or as accurate and {rule.cost_margin:.0%} cheaper), with training knobs "
+                              f"that save at least as much memory", by)
+    return Decision(False)

@@ -1,0 +1,209 @@
+"""Early stopping at the rungs of a trial's fine-tune: the rung rule on hand-made points, and
+stopped trials in a real study (stored as pruned, never on the front, shown, resumable)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+import advisor
+from advisor import recommend
+from advisor.constraints import Constraints
+from advisor.dashboard import content
+from advisor.knobs import Knobs
+from advisor.study import load, rungs
+from advisor.study.rungs import Point, decide
+from conftest import FAST, PLAIN, cli, plain, plain_args
+
+BASE = {"accuracy": 0.95, "latency_ms": 2.0, "memory_mib": 6.0, "size_mib": 0.25}
+HEAVY = rungs.lightness(Knobs())  # fp32, no accumulation, no checkpointing
+NONE = Constraints(max_accuracy_drop=None)
+
+
+def point(number, accuracy, latency=1.0, size=1.0, step=15, light=HEAVY):
+    return Point(number, step, accuracy, {"latency_ms": latency, "size_mib": size}, light)
+
+
+def peers(n, accuracy=0.95, latency=0.5, size=0.5, light=HEAVY):
+    return [point(100 + i, accuracy, latency, size, light=light) for i in range(n)]
+
+
+def test_rungs_fall_past_the_warm_up_and_before_the_end():
+    assert rungs.rung_steps(60, 2) == (15, 30)
+    assert rungs.rung_steps(12, 2) == (3, 6)
+    assert rungs.rung_steps(4, 2) == ()  # the test suite's fast trials have none
+
+
+def test_a_trial_stops_when_enough_trials_beat_it_by_the_margins():
+    slow = point(1, 0.95, latency=1.0, size=1.0)
+    # Four peers as accurate and 2x cheaper: two of them suffice.
+    decision = decide(slow, peers(4), baseline=BASE, constraints=NONE)
+    assert decision.stop and len(decision.by) == 4 and "#100" in decision.reason
+    # One dominating peer among four is not enough (Rule.dominators = 2).
+    mixed = peers(1) + peers(3, latency=2.0)
+    assert not decide(slow, mixed, baseline=BASE, constraints=NONE).stop
+    # Fewer than Rule.min_peers at the rung: nothing stops yet.
+    assert not decide(slow, peers(3), baseline=BASE, constraints=NONE).stop
+    # Points at another rung are not peers.
+    assert not decide(slow, [point(100 + i, 0.95, 0.5, 0.5, step=30) for i in range(4)],
+                      baseline=BASE, constraints=NONE).stop
+
+
+def test_margins_keep_a_trial_that_is_only_just_beaten():
+    slow = point(1, 0.95, latency=1.0, size=1.0)
+    # 3% cheaper, as accurate: inside the 5% cost margin.
+    assert not decide(slow, peers(4, latency=0.97, size=1.0), baseline=BASE, constraints=NONE).stop
+    # Much cheaper but less accurate: it may end on the front by accuracy.
+    assert not decide(slow, peers(4, accuracy=0.94), baseline=BASE, constraints=NONE).stop
+    # A full accuracy margin more accurate (1 point) and no costlier: it stops.
+    assert decide(slow, peers(4, accuracy=0.961, latency=1.0, size=1.0), baseline=BASE, constraints=NONE).stop
+    # More accurate by a point but costlier in size: not dominated.
+    assert not decide(slow, peers(4, accuracy=0.97, latency=0.5, size=1.2), baseline=BASE, constraints=NONE).stop
+
+
+def test_what_a_trial_has_measured_and_a_peer_has_not_counts_as_unbeatable():
+    slow = point(1, 0.95, latency=1.0, size=1.0)
+    unmeasured = [Point(100 + i, 15, 0.99, {"size_mib": 0.5}, HEAVY) for i in range(4)]
+    assert not decide(slow, unmeasured, baseline=BASE, constraints=NONE).stop
+
+
+def test_a_trial_whose_knobs_save_training_memory_is_only_stopped_by_trials_saving_as_much():
+    light = rungs.lightness(Knobs(accumulation=4, checkpoint_every=1))
+    saver = point(1, 0.95, latency=1.0, size=1.0, light=light)
+    # Cheaper, as accurate, but without accumulation or checkpointing: its memory may be
+    # worse, and memory is measured only at the end, so it does not stop the saver.
+    assert not decide(saver, peers(4), baseline=BASE, constraints=NONE).stop
+    assert decide(saver, peers(4, light=light), baseline=BASE, constraints=NONE).stop
+    assert rungs.lightness(Knobs(precision="bf16")) > HEAVY
+
+
+def test_a_trial_far_outside_the_accuracy_constraint_stops():
+    limits = Constraints(max_accuracy_drop=1.0)
+    # Before 3 completed trials say how much accuracy rises after the rung, 10 points of slack.
+    assert not decide(point(1, 0.95 - 0.105), [], baseline=BASE, constraints=limits).stop
+    collapsed = decide(point(1, 0.95 - 0.12), [], baseline=BASE, constraints=limits)
+    assert collapsed.stop and "--max-accuracy-drop 1" in collapsed.reason
+    # Then the most that completed trials as far behind at this rung gained by their end:
+    # three of them were at 0.88-0.90 and gained at most 3 points.
+    gains = [(0.90, 0.01), (0.89, 0.03), (0.88, -0.02)]
+    assert decide(point(1, 0.95 - 0.05), [], baseline=BASE, constraints=limits, gains=gains).stop
+    assert not decide(point(1, 0.95 - 0.035), [], baseline=BASE, constraints=limits, gains=gains).stop
+    # Trials near the baseline at the rung say nothing of how much one far behind may recover.
+    near = [(0.95, 0.0), (0.95, 0.001), (0.94, 0.002)]
+    assert not decide(point(1, 0.95 - 0.05), [], baseline=BASE, constraints=limits, gains=near).stop
+    # No accuracy limit, no such stop.
+    assert not decide(point(1, 0.10), [], baseline=BASE, constraints=NONE).stop
+
+
+def test_a_cheap_objective_already_past_a_hard_limit_stops():
+    size = Constraints(max_accuracy_drop=None, max_size_mb=0.2)
+    assert decide(point(1, 0.95), [], baseline=BASE, constraints=size, measured={"size_mib": 0.25}).stop
+    assert not decide(point(1, 0.95), [], baseline=BASE, constraints=size, measured={"size_mib": 0.2}).stop
+    latency = Constraints(max_accuracy_drop=None, max_latency_ms=2.0)
+    # The trial's own latency, with the 5% margin for timing noise.
+    assert not decide(point(1, 0.95), [], baseline=BASE, constraints=latency, measured={"latency_ms": 2.08}).stop
+    stop = decide(point(1, 0.95), [], baseline=BASE, constraints=latency, measured={"latency_ms": 2.2})
+    assert stop.stop and "--max-latency-ms 2" in stop.reason
+
+
+def test_peers_come_from_every_trial_in_the_storage_whatever_its_state():
+    """Several workers share rungs: a running trial's stored point is a peer of the others'."""
+    study = optuna.create_study(directions=["maximize"])
+    state = optuna.trial.TrialState
+    states = [state.COMPLETE, state.PRUNED, state.RUNNING]
+    for number, now in enumerate(states):
+        trial = study.ask()
+        trial.set_user_attr("rungs", [point(number, 0.9, step=15).to_dict(),
+                                      point(number, 0.93, step=30).to_dict()])
+        if now == state.COMPLETE:
+            trial.set_user_attr("result", {"metrics": {"accuracy": 0.95}})
+            study.tell(trial, [0.95])
+        elif now == state.PRUNED:
+            study.tell(trial, state=now)
+    found, gains = rungs.peers(study.get_trials(deepcopy=False), 15)
+    assert sorted(p.number for p in found) == [0, 1, 2]
+    assert gains == [(0.9, pytest.approx(0.05))]  # only a completed trial has an end to gain to
+    assert rungs.peers(study.get_trials(deepcopy=False), 30)[1] == [(0.93, pytest.approx(0.02))]
+
+
+RUNG_STEPS = {**FAST, "trial_steps": 12}  # rungs at steps 3 and 6
+
+
+def test_a_stopped_trial_is_stored_as_pruned_with_what_it_measured_and_never_recommended(workdir):
+    # --max-size-mb below the model's size: the plain trial's size, measured before its
+    # fine-tune, already misses it, so it stops at the first rung; the pruned one goes on.
+    pruned = {**PLAIN, "prune_kind": "structured", "prune_ratio": 0.5}
+    result = advisor.run(trials=2, max_size_mb=0.1, max_accuracy_drop=100, progress=False, **RUNG_STEPS,
+                         **{**plain(1), "enqueue": [PLAIN, pruned]})
+    assert (result.completed, result.stopped, result.failed) == (1, 1, 0)
+    record = load(result.study_name, result.storage)
+    stopped, done = record.trial(0), record.trial(1)
+    assert stopped.state == "pruned" and stopped.result is None
+    assert stopped.stopped["step"] == 3 and "--max-size-mb 0.1" in stopped.stopped["reason"]
+    assert [p["step"] for p in stopped.rungs] == [3]
+    # What it measured before it stopped: its latency (paired) and its weights' bytes.
+    assert stopped.partial["size_bytes"] == record.baseline["size_bytes"]
+    assert stopped.partial["paired"]["latency"]["rounds"] >= 20
+    assert stopped.partial["phases"]["train"] > 0
+    # The completed trial reached both rungs, and its size before the fine-tune is its size after.
+    assert [p["step"] for p in done.rungs] == [3, 6] and done.result["rungs"] == [
+        {k: p[k] for k in ("step", "accuracy", "seconds")} for p in done.rungs]
+    assert 0 < done.rungs[0]["seconds"] < done.rungs[1]["seconds"] < done.seconds
+    assert done.result["size_bytes"] * 1.0 == pytest.approx(done.rungs[0]["costs"]["size_mib"]
+                                                            * record.baseline["size_bytes"], rel=1e-9)
+    judged = record.front()
+    assert stopped not in judged.front and judged.status(stopped) == "stopped"
+    rec = recommend.recommend_if_any(record)
+    assert rec is None or rec.number != 0
+    # Shown: the report's list and the dashboard's table and note.
+    shown = cli("show")
+    assert "1 stopped early" in shown.out and "#0" in shown.out.split("Stopped early")[1]
+    rows = content.table(record, judged)
+    assert rows[0].state == "stopped at step 3" and "--max-size-mb" in rows[0].reason
+    assert content.trials(record, judged, rec).stopped[0]["step"] == 3
+
+
+def test_no_early_stop_runs_every_trial_to_its_end_without_rungs(workdir):
+    out = cli("run", "--trials", "1", "--no-early-stop", "--max-size-mb", "0.1", "--trial-steps", "12",
+              "--baseline-steps", "10", "--latency-seconds", "0.05", *plain_args(1))
+    assert out.code == 0 and "stopped" not in out.err
+    record = load("digits-cnn", "sqlite:///studies/advisor.db")
+    assert record.trial(0).state == "complete" and record.trial(0).rungs == ()
+    assert "rungs" not in record.trial(0).result
+
+
+def test_a_study_holding_stopped_trials_resumes(workdir):
+    first = advisor.run(trials=1, max_size_mb=0.1, progress=False, **RUNG_STEPS, **plain(1))
+    assert first.stopped == 1
+    again = advisor.run(trials=1, progress=False, **plain(1))
+    assert again.stopped == 1 and again.completed == 0
+    record = load(again.study_name, again.storage)
+    assert [t.state for t in record.trials] == ["pruned", "pruned"]
+    assert "2 stopped early" in cli("show").out
+    listed = cli("studies").out.splitlines()
+    assert "stopped early" in listed[0]
+    row = next(line.split() for line in listed if line.startswith(again.study_name))
+    assert row[3:7] == ["0", "2", "0", "0"]  # completed, stopped early, failed, running
+
+
+def test_a_time_budget_stops_starting_trials_and_says_so(workdir):
+    # The budget counts from the start of the run: building the workload (and here training
+    # the baseline) spends a millisecond before the first trial could start.
+    result = advisor.run(trials=5, time_budget=1e-3, progress=False, **FAST, **plain(5))
+    assert result.out_of_time and result.completed == 0
+    assert load(result.study_name, result.storage).baseline is not None  # what was measured is stored
+    out = cli("run", "--trials", "3", "--time-budget", "0.001s", "--trial-steps", "4",
+              "--latency-seconds", "0.05")
+    assert out.code == 0 and "--time-budget reached after 0 trials" in out.err
+    bad = cli("run", "--time-budget", "soon")
+    assert bad.code == 2 and "expected a positive duration such as 90s, 20m or 1.5h; got 'soon'" in bad.err
+
+
+def test_two_workers_store_their_points_where_each_others_rule_reads_them(workdir):
+    result = advisor.run(trials=2, workers=2, max_size_mb=0.1, progress=False, **RUNG_STEPS, **plain(2))
+    assert result.stopped == 2
+    record = load(result.study_name, result.storage)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    found, _ = rungs.peers(study.get_trials(deepcopy=False), 3)
+    assert sorted(p.number for p in found) == [0, 1]
+    assert {t.stopped["step"] for t in record.trials} == {3}
