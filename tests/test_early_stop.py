@@ -65,6 +65,10 @@ def test_what_a_trial_has_measured_and_a_peer_has_not_counts_as_unbeatable():
     slow = point(1, 0.95, latency=1.0, size=1.0)
     unmeasured = [Point(100 + i, 15, 0.99, {"size_mib": 0.5}, HEAVY) for i in range(4)]
     assert not decide(slow, unmeasured, baseline=BASE, constraints=NONE).stop
+    # A trial that has measured no cost (its deployable model is compiled, so it is timed at
+    # the end) is never dominated, however much more accurate the others are at the rung.
+    compiled = Point(1, 15, 0.90, {}, HEAVY)
+    assert not decide(compiled, peers(4, accuracy=0.99), baseline=BASE, constraints=NONE).stop
 
 
 def test_a_trial_whose_knobs_save_training_memory_is_only_stopped_by_trials_saving_as_much():
@@ -207,3 +211,22 @@ def test_two_workers_store_their_points_where_each_others_rule_reads_them(workdi
     found, _ = rungs.peers(study.get_trials(deepcopy=False), 3)
     assert sorted(p.number for p in found) == [0, 1]
     assert {t.stopped["step"] for t in record.trials} == {3}
+
+
+@pytest.mark.parametrize("changes, compiled", [
+    ({}, False), ({"prune_kind": "structured", "prune_ratio": 0.5}, False), ({"compile": "default"}, True),
+    ({"quantization": "int8-dynamic"}, True), ({"quantization": "int8-static"}, True),
+])
+def test_only_an_eager_deployable_is_built_before_the_fine_tune(changes, compiled):
+    """Cheap objectives first only where building the deployable model twice costs no
+    compilation: ``compress.compiled`` says which, as ``compress.deployable`` builds it."""
+    import torch
+
+    from advisor.trial import compress
+    from workloads import FEATURES, MLP
+
+    knobs = Knobs(**changes)
+    model, example = MLP(), torch.randn(8, FEATURES)
+    student, _ = compress.student(model, knobs, example)
+    deploy = compress.deployable(student, knobs, example, [example])
+    assert compress.compiled(knobs) == compiled == (deploy.info["compile"] != "none")

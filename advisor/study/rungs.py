@@ -1,18 +1,20 @@
 """Pareto-aware early stopping: the rung rule that decides whether a running trial goes on.
 
 A trial's fine-tune is cut at rungs (``RUNGS``: fractions of ``--trial-steps``). Before the
-first rung it has measured what its structure alone decides (the cheap objectives: size, and
-the latency of its deployable model paired with the baseline's where the trial measures it
-first); at each rung it measures accuracy on the selection data with the weights it has so
-far. The study then compares that point with every other trial's point at the same rung
-(completed, stopped or still running, from any worker: the points are stored with the
-trials) and the trial either goes on or stops (:func:`decide`):
+first rung a trial whose deployable model is eager has measured what its structure alone
+decides (the cheap objectives: its latency paired with the baseline's, and its size; a
+compiled one measures them at the end, as building it twice would compile it twice); at each
+rung it measures accuracy on the selection data with the weights it has so far. The study
+then compares that point with every other trial's point at the same rung (completed,
+stopped or still running, from any worker: the points are stored with the trials) and the
+trial either goes on or stops (:func:`decide`):
 
 - **Dominated beyond a margin.** It stops when at least ``Rule.dominators`` other trials at
   the same rung beat it by the margins: at least ``Rule.accuracy_points`` more accurate, or
-  as accurate (within those points) and cheaper by ``Rule.cost_margin`` in a cost, and never
-  costlier in a cost it has measured. A cost the trial has measured that the other has not
-  counts as unbeatable, so a trial is never stopped on a guess. Memory is measured last (its
+  as accurate and cheaper by ``Rule.cost_margin`` in a cost, and never costlier. Only a
+  trial that has measured its cheap costs can be stopped so, and only by trials that have
+  measured them too: a cost not measured may be where it beats everyone, so a trial is
+  never stopped on a guess. Memory is measured last (its
   window changes how the C library allocates for the rest of the process), so it is not in
   the point; a trial is only stopped by trials whose memory-saving training knobs
   (:func:`lightness`: half precision, accumulation, checkpointing) save at least as much as
@@ -110,13 +112,15 @@ def peers(trials: Iterable, step: int) -> tuple[list[Point], list[tuple[float, f
 
 
 def dominates_by_margin(a: Point, b: Point, rule: Rule) -> bool:
-    """``a`` beats ``b`` by the margins: ``a`` saves at least as much memory by its knobs,
-    is no costlier in any cost ``b`` has measured (``a`` must have measured it too), and is
-    either ``Rule.accuracy_points`` more accurate, or as accurate within those points and
-    ``Rule.cost_margin`` cheaper in one cost."""
+    """``a`` beats ``b`` by the margins: ``b`` has measured every cheap cost (one it has not
+    may be where it beats everyone), ``a`` has too and is no costlier in any, saves at least
+    as much memory by its knobs, and is either ``Rule.accuracy_points`` more accurate, or as
+    accurate and ``Rule.cost_margin`` cheaper in one cost."""
     if a.light and b.light and any(x < y for x, y in zip(a.light, b.light, strict=True)):
         return False
-    shared = [name for name in CHEAP if name in b.costs]
+    if any(name not in b.costs for name in CHEAP):
+        return False  # what ``b`` has not measured may be where it beats everyone
+    shared = list(CHEAP)
     if any(name not in a.costs or a.costs[name] > b.costs[name] for name in shared):
         return False
     points = (a.accuracy - b.accuracy) * 100

@@ -109,6 +109,14 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
                       input_dtype=config.input_dtype)
 
 
+def compiled(knobs: Knobs) -> bool:
+    """Whether the deployable model of ``knobs`` is compiled (``deployable``): building it
+    then costs a compilation, which a trial would otherwise pay once."""
+    config = knobs.config(QuantizationConfig)
+    return (knobs.config(CompileConfig).mode != "none" or config.pt2e
+            or config.mode in quantization.TORCHAO)
+
+
 def _on_cpu(model: nn.Module) -> bool:
     tensor = next(iter(model.parameters()), None)
     if tensor is None:

@@ -116,11 +116,13 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
 
     cheap: Timed | None = None
     quantize_s = 0.0
-    if spec.rungs:
+    if spec.rungs and not compress.compiled(knobs):
         # Cheap objectives first: what the structure alone decides, before the fine-tune. A
         # kernel's time does not depend on the weights' values, so the deployable model built
         # from the pruned, untrained weights times as the fine-tuned one will, and its weights
-        # take the same bytes. The rung points carry them, so a trial can stop on them.
+        # take the same bytes. The rung points carry them, so a trial can stop on them. Only
+        # where that model is eager: a compiled one would be compiled twice, which cost more
+        # than stopping saved (a default study took 11:49 against 9:51 without early stopping).
         early, quantize_s = build()
         cheap = timed(early)
         cheap.size_bytes = measure.weight_bytes(early.module)
