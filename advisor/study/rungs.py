@@ -142,12 +142,16 @@ def decide(point: Point, peers: Iterable[Point], *, baseline: Mapping[str, float
         # What trials as far behind at this rung gained by their end: one near the baseline
         # here has little left to gain, one far behind (pruned hard) may recover more.
         behind = [gain for accuracy, gain in gains if accuracy <= point.accuracy + rule.accuracy_points / 100]
-        slack = max(0.0, max(behind) * 100 if len(behind) >= rule.min_history else rule.default_gain)
+        known = len(behind) >= rule.min_history
+        slack = max(0.0, max(behind) * 100 if known else rule.default_gain)
         drop = (baseline["accuracy"] - point.accuracy) * 100
         if drop > limit + slack:
+            allowing = (f"the {slack:.1f} points that trials as far behind gained after this step" if known
+                        else f"{slack:.1f} points of recovery (the allowance until {rule.min_history} trials "
+                             f"as far behind have completed)")
             return Decision(True, f"accuracy {point.accuracy:.4g} at step {point.step} is {drop:.1f} points "
-                                  f"below the baseline: past --max-accuracy-drop {limit:g} even with the "
-                                  f"{slack:.1f} points trials gained after this step")
+                                  f"below the baseline: past --max-accuracy-drop {limit:g} even "
+                                  f"allowing {allowing}")
     hard = (("size_mib", "max_size_mb", "MiB", 0.0), ("latency_ms", "max_latency_ms", "ms", rule.cost_margin))
     for name, key, unit, margin in hard:
         bound = getattr(constraints, key)
