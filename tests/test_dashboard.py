@@ -130,7 +130,7 @@ def test_the_dashboard_of_a_real_study_in_headless_chromium(workdir):
     path = api.dashboard(INJECTED).resolve()
     assert path.parent.name == "dashboards" and path.exists()
     panels = json.loads(path.read_text().split('id="advisor-panels">')[1].split("</script>")[0])
-    assert panels == {"points": 3, "failed": 1, "front": panels["front"], "hypervolume": 3}
+    assert panels == {"points": 3, "failed": 1, "stopped": 0, "front": panels["front"], "hypervolume": 3}
 
     chrome = Chromium(exe)
     try:
