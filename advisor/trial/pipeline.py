@@ -103,7 +103,6 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
     teacher = distillation.teacher(model, knobs.config(DistillationConfig))  # the baseline, before compression
     student, pruned = compress.student(model, knobs, example, spec.keep)
     calibrated = knobs.config(QuantizationConfig).calibrated
-    reference = reference_model(spec.cache, spec.ref, device) if spec.role != "baseline" else None
 
     def build() -> tuple[compress.Deployable, float]:
         phase("quantize")
@@ -112,6 +111,8 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
         return compress.deployable(student, knobs, example, calibration), time.perf_counter() - began
 
     def timed(deploy: compress.Deployable) -> Timed:
+        # The baseline's model, loaded only to be timed beside this one (not held through the fine-tune).
+        reference = reference_model(spec.cache, spec.ref, device) if spec.role != "baseline" else None
         return time_deployable(deploy, precision_cfg, batch, one, val, knobs, settings, device, reference, phase)
 
     cheap: Timed | None = None
