@@ -176,6 +176,23 @@ def test_no_early_stop_runs_every_trial_to_its_end_without_rungs(workdir):
     assert "rungs" not in record.trial(0).result
 
 
+def test_observing_the_rungs_stores_every_point_and_stops_nothing(workdir):
+    """What the search benchmark's table is measured with: the rule is not asked."""
+    result = advisor.run(trials=1, max_size_mb=0.1, early_stop="observe", progress=False, **RUNG_STEPS,
+                         **plain(1))
+    assert result.stopped == 0 and result.completed == 1
+    trial = load(result.study_name, result.storage).trial(0)
+    assert trial.state == "complete" and not trial.stopped
+    assert [p["step"] for p in trial.rungs] == list(rungs.rung_steps(RUNG_STEPS["trial_steps"]))
+    assert all(p["seconds"] > 0 and p["costs"] for p in trial.rungs)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_early_stop_takes_only_on_off_or_observe(workdir, value):
+    with pytest.raises(advisor.AdvisorError, match="early_stop must be True, False or 'observe'"):
+        advisor.run(trials=1, early_stop=value, progress=False)
+
+
 def test_a_study_holding_stopped_trials_resumes(workdir):
     first = advisor.run(trials=1, max_size_mb=0.1, progress=False, **RUNG_STEPS, **plain(1))
     assert first.stopped == 1

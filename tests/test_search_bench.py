@@ -13,7 +13,9 @@ from advisor import objectives, space
 from advisor.bench import search
 from advisor.dashboard import render
 from advisor.knobs import Knobs
+from advisor.study import rungs
 from advisor.techniques import Exclusion
+from advisor.trial import compress
 from conftest import FAST, cli
 
 FULL = space.Space(values={
@@ -151,10 +153,24 @@ def test_a_tiny_table_is_measured_once_and_resumed(workdir):
     tiny = {**search.GRID, "precision": ("fp32",), "accumulation": (1,), "checkpoint_every": (0,),
             "prune_kind": ("none", "unstructured"), "prune_ratio": (0.3, 0.3, 0.2),
             "quantization": ("none", "int8-dynamic"), "distill_alpha": (0.0, 0.0, 0.7)}
-    table = search.measure_table("workloads:tensor_mlp", "cpu", study_dir="t", grid=tiny, **FAST)
+    table = search.measure_table("workloads:tensor_mlp", "cpu", study_dir="t", grid=tiny,
+                                 **{**FAST, "trial_steps": 12})
     assert len(table["rows"]) == 4 and all(r["ok"] for r in table["rows"])
     assert len({r["trial"] for r in table["rows"]}) == 4
-    again = search.measure_table("workloads:tensor_mlp", "cpu", study_dir="t", grid=tiny, **FAST)
+    for row in table["rows"]:
+        # Measured with the rungs observed: every rung point, none stopped, and what it cost.
+        settings = table["settings"]
+        assert [p["step"] for p in row["rungs"]] == list(rungs.rung_steps(settings["trial_steps"],
+                                                                          settings["warmup_steps"]))
+        assert row["rungs"], "12 steps hold rungs past the warm-up"
+        assert 0 < row["rungs"][0]["seconds"] < row["rungs"][-1]["seconds"] < row["seconds"]
+        assert 0 < row["rung_s"] < row["seconds"] and row["feasible"] in (True, False)
+        if compress.compiled(Knobs.from_dict(row["knobs"])):
+            assert row["rungs"][0]["costs"] == {}, "a compiled deployable is built once, at the end"
+        else:
+            assert row["rungs"][0]["costs"]["latency_ms"] == pytest.approx(row["cheap"]["latency_ratio"])
+    again = search.measure_table("workloads:tensor_mlp", "cpu", study_dir="t", grid=tiny,
+                                 **{**FAST, "trial_steps": 12})
     assert [r["trial"] for r in again["rows"]] == [r["trial"] for r in table["rows"]], \
         "a rerun must reuse the measured trials, not measure them again"
     report = search.compare(table, ("random",), seeds=2, budgets=(2, 4))
@@ -166,6 +182,7 @@ def test_a_tiny_table_is_measured_once_and_resumed(workdir):
     (["--budgets", "10,0"], "--budgets must be"),
     (["--budgets", "ten"], "--budgets must be"),
     (["--seeds", "0"], "--seeds must be"),
+    (["--workers", "0"], "--workers must be"),
 ])
 def test_bad_flags_get_one_line_before_anything_is_measured(workdir, flags, message):
     result = cli("bench", "search", *flags)

@@ -58,7 +58,7 @@ GRID = {
     "distill_temperature": (4.0, 4.0, 0.5),
 }
 TABLE_STUDY = "search-table"
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: each row also holds its rung points and what its trial cost
 
 
 def grid_space(full: space.Space, lr: float, grid: dict | None = None) -> space.Space:
@@ -87,11 +87,15 @@ def one_at_a_time_configs(grid: space.Space) -> list[dict]:
 
 
 def measure_table(model: str | None = None, device: str = "auto", *, study_dir: str,
-                  grid: dict | None = None, progress: Progress = silent, **settings) -> dict:
+                  grid: dict | None = None, workers: int = 1, progress: Progress = silent,
+                  **settings) -> dict:
     """Measure every grid configuration once with real trials; resumable.
 
     The trials live in an ordinary study (``search-table``) in ``study_dir``; a rerun
     measures only the configurations still missing, so an interrupted build loses nothing.
+    They run with the rungs observed (``early_stop="observe"``): each measures its accuracy
+    at every rung, and its cheap objectives before the fine-tune where early stopping would,
+    but none is stopped, so a replay can apply the rung rule afterwards (``replay``).
     """
     root = Path(study_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,8 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
     if todo:
         options = RunOptions(model=model, device=device, trials=len(todo), enqueue=todo,
                                   storage=url, cache_dir=str(root / "cache"), study=TABLE_STUDY,
-                                  sampler="random", seed=0, early_stop=False, **settings)
+                                  sampler="random", seed=0, early_stop="observe", workers=workers,
+                                  **settings)
         run(options, progress(len(todo)))
     record = load(TABLE_STUDY, url)
     rows = {}
@@ -114,9 +119,12 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
         if t.state not in ("complete", "fail"):
             continue
         knobs = t.knobs.to_dict()
-        row = {"knobs": knobs, "trial": t.number, "ok": t.state == "complete"}
+        row = {"knobs": knobs, "trial": t.number, "ok": t.state == "complete", **costs(t)}
         if row["ok"]:
-            row["values"] = t.values
+            # What the study told Optuna (the batch latency on the baseline's clock: its paired
+            # ratio times the baseline's), and whether it meets the study's constraints.
+            row["values"] = objectives.told(t.result, record.baseline_metrics)
+            row["feasible"] = not record.constraints.misses(t.metrics, record.baseline_metrics)
         else:
             row["reason"] = t.failure.get("reason", "failed")
         rows[key(knobs)] = row
@@ -128,10 +136,31 @@ def measure_table(model: str | None = None, device: str = "auto", *, study_dir: 
         "format": TABLE_FORMAT, "workload": workload.name, "hardware": hw.to_dict(),
         "settings": record.settings, "grid": values, "space": grid.to_dict(),
         "lr": lr, "baseline": objectives.values(record.baseline_metrics),
+        "baseline_metrics": dict(record.baseline_metrics), "constraints": record.constraints.to_dict(),
         "rows": [rows[key(c)] for c in configs],
         "one_at_a_time": [{**Knobs(lr=lr).to_dict(), **c} for c in one_at_a_time_configs(grid)],
         "measure_s": sum((t.seconds for t in record.trials), 0.0),
     }
+
+
+def costs(t) -> dict:
+    """What a table row needs to replay the rung rule over it, and what its trial cost.
+
+    ``seconds``: the trial's wall time, from asking for it to storing it, rungs included;
+    ``rung_s``: the part spent measuring accuracy at the rungs, which a study without early
+    stopping does not spend; ``rungs``: its points (``Point.to_dict`` and ``seconds``, the
+    trial's wall time up to and including that point: what stopping it there costs);
+    ``cheap``: the cheap objectives as the rung rule sees them (``latency_ms``, its own;
+    ``size_mib``; ``latency_ratio``, paired)."""
+    result = t.result or {}
+    cheap = {}
+    if result:
+        cheap = {"latency_ms": result["metrics"]["latency_ms"], "size_mib": result["metrics"]["size_mib"]}
+        ratio = result.get("paired", {}).get("latency", {}).get("ratio")
+        if ratio is not None:
+            cheap["latency_ratio"] = ratio
+    return {"seconds": t.seconds, "rung_s": result.get("phases", {}).get("rung", 0.0),
+            "rungs": [dict(r) for r in t.rungs], "cheap": cheap}
 
 
 def _measured(url: str) -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from advisor import bench
 from advisor.bench import noise as noise_bench
-from advisor.bench import search
+from advisor.bench import search, stopping
 from advisor.bench import varlen as varlen_bench
 from advisor.bench import zoo as zoo_bench
 from advisor.dashboard import render
@@ -54,6 +54,8 @@ def register(sub) -> None:
                         "(default studies/search-table)")
     s.add_argument("--samplers", default=",".join(search.SAMPLERS), metavar="LIST",
                    help=f"comma-separated, from {', '.join(search.SAMPLERS)} (default all)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="measure the table's trials N at a time, each on its share of the cores (default 1)")
     s.add_argument("--live", action="store_true",
                    help="instead of the table, run real studies of the full space: --seeds studies "
                         "of --live-trials trials per sampler, and one-at-a-time as a study (slow)")
@@ -211,7 +213,8 @@ def search_bench(args: argparse.Namespace) -> int:
     default_budgets = "10,20,30" if args.live else ",".join(map(str, search.BUDGETS))
     budgets = _positive_list("--budgets", args.budgets or default_budgets)
     seeds = args.seeds if args.seeds is not None else (2 if args.live else 10)
-    for flag, value in (("--seeds", seeds), ("--gp-seeds", args.gp_seeds), ("--live-trials", args.live_trials)):
+    for flag, value in (("--seeds", seeds), ("--gp-seeds", args.gp_seeds), ("--live-trials", args.live_trials),
+                        ("--workers", args.workers)):
         if value < 1:
             raise AdvisorError(f"{flag} must be a positive integer; got {value}")
     settings = {k: v for k, v in (("trial_steps", args.trial_steps),
@@ -225,12 +228,15 @@ def search_bench(args: argparse.Namespace) -> int:
         print(search.render(report))
         _write(args.json or "studies/bench-search-live.json", report)
         return 0
-    table = search.measure_table(args.model, args.device, study_dir=args.table_dir,
+    table = search.measure_table(args.model, args.device, study_dir=args.table_dir, workers=args.workers,
                                  trial_timeout=args.trial_timeout, progress=Progress, **settings)
     _write(str(Path(args.table_dir) / "table.json"), table)
     report = search.compare(table, samplers, seeds=seeds, gp_seeds=args.gp_seeds,
                             budgets=budgets, progress=print)
+    report["early_stopping"] = stopping.compare(table, seeds=seeds, progress=print)
     print(search.render(report))
+    print()
+    print(stopping.render(report["early_stopping"]))
     _write(args.json or "studies/bench-search.json", report)
     chart = Path(args.chart)
     chart.parent.mkdir(parents=True, exist_ok=True)

@@ -289,6 +289,26 @@ def _summary(panels: dict) -> dict:
             "hypervolume": len(panels["hypervolume"].values)}
 
 
+def _compute_figure(es: dict) -> go.Figure:
+    """Hypervolume against compute (share of random search's full trials), per method."""
+    fig = go.Figure()
+    shares = [5 * (i + 1) for i in range(len(next(iter(es["methods"].values()))["chart"]))]
+    for name, m in es["methods"].items():
+        label = f"{name} (default)" if name == "tpe, early stopping" else name
+        hv = m["chart"]
+        fig.add_trace(go.Scatter(x=shares + shares[::-1], y=[h["q75"] for h in hv] + [h["q25"] for h in hv][::-1],
+                                 fill="toself", opacity=0.2, line={"width": 0}, showlegend=False,
+                                 hoverinfo="skip", legendgroup=name, name=label))
+        fig.add_trace(go.Scatter(x=shares, y=[h["median"] for h in hv], mode="lines", legendgroup=name,
+                                 name=f"{label}, {m['seeds']} seeds"))
+    fig.add_hline(y=es["target_hypervolume"], line_dash="dot",
+                  annotation_text=f"random search, {es['scale_trials']} full trials (median)")
+    fig.update_layout(title=f"Hypervolume at equal compute (100% = {es['scale_s'] / 60:.1f} min of trials)",
+                      xaxis_title="compute, % of random search's full trials",
+                      yaxis_title="hypervolume of the feasible front", height=520, margin={"t": 60})
+    return fig
+
+
 def search_efficiency(report: dict) -> str:
     """A self-contained page: hypervolume against trials per sampler (median line, band
     between the 25th and 75th percentiles over seeds), one-at-a-time as a marker."""
@@ -316,6 +336,9 @@ def search_efficiency(report: dict) -> str:
         height=520, margin={"t": 60})
     body = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id="search-efficiency",
                        config=_CONFIG)
+    if report.get("early_stopping"):
+        body += pio.to_html(_compute_figure(report["early_stopping"]), include_plotlyjs=False,
+                            full_html=False, div_id="search-compute", config=_CONFIG)
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>advisor: search efficiency"
             f"</title><script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
             f"{body}</body></html>")

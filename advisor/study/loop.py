@@ -292,6 +292,8 @@ def _at_rung(loop: Loop, trial: optuna.Trial, knobs: Knobs, point: dict, cheap: 
     here = rungs.Point(trial.number, point["step"], point["accuracy"], costs, rungs.lightness(knobs))
     with loop.lock:
         record.write_rung(trial, {**here.to_dict(), "seconds": point.get("seconds")})
+        if loop.options.early_stop == "observe":
+            return True
         peers, gains = rungs.peers(loop.study.get_trials(deepcopy=False), here.step)
         decision = rungs.decide(here, peers, baseline=base, constraints=loop.constraints, measured=measured,
                                 gains=gains, rule=loop.rule)

@@ -52,8 +52,10 @@ class RunOptions:
     serving_requests: int | None = None
     serving_deadline_ms: float | None = None
     # Search policy (not stored with the study: each run may choose): stop trials at rungs
-    # (study/rungs.py); stop starting trials this many seconds after the run started.
-    early_stop: bool = True
+    # (study/rungs.py), or only measure each trial's points there and never stop ("observe":
+    # what the search benchmark's table records); stop starting trials this many seconds
+    # after the run started.
+    early_stop: bool | str = True
     time_budget: float | None = None
     # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
     enqueue: list[dict] = field(default_factory=list)
@@ -86,8 +88,8 @@ def check(options: RunOptions) -> None:
                                             or not options.time_budget > 0):
         raise AdvisorError(f"--time-budget must be a positive duration (90s, 20m, 1.5h); "
                            f"got {options.time_budget!r}")
-    if not isinstance(options.early_stop, bool):
-        raise AdvisorError(f"early_stop must be True or False; got {options.early_stop!r}")
+    if not (isinstance(options.early_stop, bool) or options.early_stop == "observe"):
+        raise AdvisorError(f"early_stop must be True, False or 'observe'; got {options.early_stop!r}")
     if options.threads is not None and options.threads < 1:
         raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
     storage.parse_url(options.storage)

@@ -1,0 +1,231 @@
+"""Early stopping at equal compute: samplers replayed over the search table, charged seconds.
+
+The search table (``search.measure_table``) holds, for every grid configuration, what its
+real trial measured at each rung (accuracy, the cheap objectives as the rung rule saw them)
+and what the trial cost: its wall time, the wall time up to each rung, and the seconds spent
+measuring the rungs. Replaying a sampler over it with early stopping applies the study's own
+rung rule (``rungs.decide``, the same function and ``Rule`` a study uses) to each trial as
+the sampler asks for it, against the points of the trials replayed before it; a stopped
+trial is told to the sampler as pruned and costs its wall time up to the rung. Without
+early stopping a trial costs its wall time less the rung measurements, which such a study
+does not make (a derivation, stated with the results: the table's trials measured their
+rungs, and ran in the order early stopping uses: eager deployables timed before the
+fine-tune).
+
+The unit is compute: seconds of trials, summed (one worker). Each replayed study runs until
+it has spent ``budget`` seconds; hypervolume is taken at fractions of the compute that random
+search without early stopping spends on ``FULL`` trials (its median over seeds), on the
+front a study reports: completed trials that meet the table study's constraints.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from advisor import objectives
+from advisor.bench.search import grid_from, hypervolume, key, signed_ratios
+from advisor.constraints import Constraints
+from advisor.knobs import Knobs
+from advisor.study import rungs
+from advisor.study.options import make_sampler
+from advisor.texttable import table
+
+FULL = 100  # random search's trials whose compute is the scale
+SHARES = (0.1, 0.25, 0.5, 0.75, 1.0)  # compute budgets, as shares of random's FULL trials' compute
+GOAL_SHARE = 0.25  # the default must reach random's FULL-trial hypervolume within this share
+METHODS = (("tpe", True), ("tpe", False), ("random", True), ("random", False))
+ACCURACY = objectives.NAMES.index("accuracy")
+MAX_TRIALS = 2000  # a replay stops here even if its compute is not spent (a table of free trials)
+
+
+def full_cost(row: dict) -> float:
+    """What a row's trial costs a study without early stopping: its wall time, less the
+    rung measurements such a study does not make."""
+    return max(0.0, row["seconds"] - row.get("rung_s", 0.0))
+
+
+def _point(number: int, values: dict) -> rungs.Point:
+    return rungs.Point.from_dict(number, values)
+
+
+def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: float,
+           max_trials: int = MAX_TRIALS, rule: rungs.Rule | None = None) -> list[dict]:
+    """One study over the table until it has spent ``budget`` seconds (or asked for
+    ``max_trials``): per trial, its row's key, whether it completed or stopped (and at which
+    step), and the compute spent so far, itself included."""
+    rule = rule or rungs.Rule()
+    grid = grid_from(table)
+    rows = {key(r["knobs"]): r for r in table["rows"]}
+    base = table["baseline_metrics"]
+    constraints = Constraints.from_dict(table["constraints"])
+    study = optuna.create_study(directions=objectives.DIRECTIONS, sampler=make_sampler(sampler, seed))
+    points: dict[int, list[rungs.Point]] = {}  # step -> the points replayed trials stored there
+    gains: dict[int, list[tuple[float, float]]] = {}  # step -> (accuracy there, gain to the end)
+    spent, out = 0.0, []
+    while spent < budget and len(out) < max_trials:
+        trial = study.ask()
+        knobs = grid.suggest(trial)
+        row = rows[key(knobs.to_dict())]
+        stop = _stop_at(row, trial.number, knobs, points, base, constraints, gains, rule) if early_stop else None
+        if stop is not None:
+            spent += stop["seconds"]
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            spent += row["seconds"] if early_stop else full_cost(row)
+            if row["ok"]:
+                study.tell(trial, row["values"])
+                for p in row.get("rungs", []) if early_stop else ():
+                    gain = row["values"][ACCURACY] - p["accuracy"]
+                    gains.setdefault(p["step"], []).append((p["accuracy"], gain))
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+        out.append({"key": key(row["knobs"]), "ok": row["ok"] and stop is None,
+                    "stopped": stop["step"] if stop else None, "spent": spent})
+    return out
+
+
+def _stop_at(row: dict, number: int, knobs: Knobs, points: dict, base: dict, constraints: Constraints,
+             gains: dict, rule: rungs.Rule) -> dict | None:
+    """Walk the row's rungs as a live trial would: store each point, stop at the first the
+    rule stops. The point it stopped at, or None when it runs to its end."""
+    cheap = row.get("cheap", {})
+    for values in row.get("rungs", []):
+        here = _point(number, {**values, "light": list(rungs.lightness(knobs))})
+        measured = {name: cheap[name] for name in ("latency_ms", "size_mib") if here.costs and name in cheap}
+        decision = rungs.decide(here, points.get(here.step, []), baseline=base, constraints=constraints,
+                                measured=measured, gains=gains.get(here.step, []), rule=rule)
+        points.setdefault(here.step, []).append(here)
+        if decision.stop:
+            return values
+    return None
+
+
+def curve(table: dict, trials: list[dict], budgets: list[float]) -> dict[float, float]:
+    """Hypervolume of the feasible completed trials' front within each compute budget."""
+    rows = {key(r["knobs"]): r for r in table["rows"]}
+    out = {}
+    for b in budgets:
+        chosen = [rows[t["key"]] for t in trials if t["spent"] <= b and t["ok"]]
+        out[b] = hypervolume([signed_ratios(r["values"], table["baseline"]) for r in chosen if r.get("feasible")])
+    return out
+
+
+def compare(table: dict, seeds: int = 20, methods=METHODS, shares=SHARES, progress=None) -> dict:
+    """Each method (sampler, early stopping) replayed for ``seeds`` seeds; hypervolume at
+    equal compute, and the goals."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The scale: random search without early stopping, its first FULL trials, per seed.
+    scale_runs = [replay(table, "random", s, early_stop=False, budget=float("inf"), max_trials=FULL)
+                  for s in range(seeds)]
+    scale = statistics.median(r[-1]["spent"] for r in scale_runs)
+    full_hv = [curve(table, r, [r[-1]["spent"]])[r[-1]["spent"]] for r in scale_runs]
+    target = statistics.median(full_hv)
+    budgets = [share * scale for share in shares]
+    fine = [scale * i / 100 for i in range(1, 101)]  # where the curves are read for "reaches"
+    results = {}
+    for sampler, early in methods:
+        name = f"{sampler}, {'early stopping' if early else 'no early stopping'}"
+        started = time.perf_counter()
+        hv, reach, counts, chart = [], [], [], []
+        for seed in range(seeds):
+            trials = replay(table, sampler, seed, early_stop=early, budget=scale)
+            c = curve(table, trials, budgets + fine)
+            hv.append({share: c[b] for share, b in zip(shares, budgets, strict=True)})
+            chart.append([c[b] for b in fine[4::5]])
+            reach.append(next((b / scale for b in fine if c[b] >= target), None))
+            counts.append({"trials": len(trials), "stopped": sum(t["stopped"] is not None for t in trials)})
+            if progress:
+                progress(f"{name} seed {seed}: {len(trials)} trials, {counts[-1]['stopped']} stopped, "
+                         f"hypervolume {c[budgets[-1]]:.3f}")
+        results[name] = {
+            "sampler": sampler, "early_stop": early, "seeds": seeds, "replay_s": time.perf_counter() - started,
+            "hypervolume": {str(s): _spread([h[s] for h in hv]) for s in shares},
+            "chart": [_spread(list(at)) for at in zip(*chart, strict=True)],  # every 5% of the scale
+            "reaches_target_share": _spread_missing(reach),
+            "trials": _spread([c["trials"] for c in counts]),
+            "stopped": _spread([c["stopped"] for c in counts]),
+        }
+    report = {
+        "workload": table["workload"], "hardware": table["hardware"], "settings": table["settings"],
+        "grid_size": len(table["rows"]), "unit": "seconds of trials, summed",
+        "scale_s": scale, "scale_trials": FULL,
+        "target_hypervolume": target, "shares": list(shares), "rule": rungs.Rule().__dict__,
+        "constraints": table["constraints"], "methods": results,
+    }
+    report["goals"] = _goals(report)
+    return report
+
+
+def _spread(xs: list[float]) -> dict:
+    q = np.percentile(xs, [25, 75])
+    return {"median": float(statistics.median(xs)), "q25": float(q[0]), "q75": float(q[1]), "n": len(xs)}
+
+
+def _spread_missing(xs: list[float | None]) -> dict:
+    """The share of compute at which each seed reached the target (None: not within the
+    budget, counted as past it for the median)."""
+    reached = [x if x is not None else float("inf") for x in xs]
+    q25, q75 = np.percentile(reached, [25, 75], method="nearest")  # no interpolating with infinity
+    return {"median": float(statistics.median(reached)), "q25": float(q25), "q75": float(q75),
+            "n": len(xs), "not_reached": sum(x is None for x in xs)}
+
+
+def _goals(report: dict) -> dict:
+    methods, shares = report["methods"], report["shares"]
+    with_es, without = methods.get("tpe, early stopping"), methods.get("tpe, no early stopping")
+    goals = {}
+    if with_es:
+        share = with_es["reaches_target_share"]["median"]
+        goals["default_reaches_random_full"] = {"median_share": share, "goal_share": GOAL_SHARE,
+                                                "met": share <= GOAL_SHARE}
+    if with_es and without:
+        behind = [s for s in shares if with_es["hypervolume"][str(s)]["median"]
+                  < without["hypervolume"][str(s)]["median"]]
+        goals["early_stop_never_behind"] = {"behind_at": behind, "met": not behind}
+    return goals
+
+
+def render(report: dict) -> str:
+    hw, shares = report["hardware"], report["shares"]
+    cols = ["method", "seeds", "trials", "stopped"] + [f"HV @{s:.0%}" for s in shares] + ["reaches target at"]
+    rows = []
+    for name, m in report["methods"].items():
+        label = f"{name} (default)" if name == "tpe, early stopping" else name
+        reach = m["reaches_target_share"]
+        cells = [f"{m['hypervolume'][str(s)]['median']:.3f} [{m['hypervolume'][str(s)]['q25']:.3f}-"
+                 f"{m['hypervolume'][str(s)]['q75']:.3f}]" for s in shares]
+        at = (f"{reach['median']:.0%}" if reach["median"] != float("inf") else "not reached") + (
+            f" ({reach['not_reached']} seeds never)" if reach["not_reached"] else "")
+        rows.append([label, str(m["seeds"]), f"{m['trials']['median']:.0f}", f"{m['stopped']['median']:.0f}",
+                     *cells, at])
+    lines = [
+        f"Early stopping at equal compute: {report['workload']} on {hw['device']} ({hw['name']}), torch "
+        f"{hw['torch_version']}; {report['grid_size']} measured configurations with their rungs; compute is "
+        f"seconds of trials summed, 100% = random search's first {report['scale_trials']} trials without "
+        f"early stopping ({report['scale_s'] / 60:.1f} min, median over seeds)",
+        f"Hypervolume of the front a study reports (completed trials meeting {_limits(report)}) within each "
+        f"share of that compute, median [25th-75th percentile]; target: random's {report['scale_trials']} "
+        f"trials, median {report['target_hypervolume']:.3f}",
+        table(cols, rows, right=set(range(1, len(cols)))),
+    ]
+    g = report["goals"]
+    if "default_reaches_random_full" in g:
+        x = g["default_reaches_random_full"]
+        at = "never" if x["median_share"] == float("inf") else f"{x['median_share']:.0%}"
+        lines.append(f"goal: the default reaches random's {report['scale_trials']}-trial hypervolume within "
+                     f"{x['goal_share']:.0%} of its compute: at {at} (median), {'met' if x['met'] else 'NOT met'}")
+    if "early_stop_never_behind" in g:
+        x = g["early_stop_never_behind"]
+        behind = ", ".join(f"{s:.0%}" for s in x["behind_at"])
+        lines.append("goal: the default with early stopping at least as high as without at every budget: "
+                     + ("met" if x["met"] else f"NOT met, behind at {behind}"))
+    return "\n".join(lines)
+
+
+def _limits(report: dict) -> str:
+    return Constraints.from_dict(report["constraints"]).describe()

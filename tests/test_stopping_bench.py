@@ -1,0 +1,155 @@
+"""Early stopping at equal compute over the search table: what a replayed trial costs, who the
+rung rule stops there, what counts on the front, and the goals."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from test_search_bench import BASE, FULL, _synthetic_table
+
+from advisor.bench import search, stopping
+from advisor.dashboard import render
+from advisor.knobs import Knobs
+from advisor.study import rungs
+
+BASE_METRICS = {"accuracy": BASE[0], "latency_ms": BASE[1], "memory_mib": BASE[2], "size_mib": BASE[3]}
+
+
+def hopeless(k: Knobs) -> bool:
+    """Structured pruning at 0.5 loses half the accuracy in the synthetic table."""
+    return k.prune_kind == "structured" and k.prune_ratio == 0.5
+
+
+def _table() -> dict:
+    """A table whose rows carry rungs (steps 15 and 30) and costs: 10 s a trial, 3 s to the
+    first rung, 5 s to the second, 1 s of it measuring them; quantized trials cost 30 s (a
+    compiled deployable) and have no cheap costs at their rungs."""
+    grid = search.grid_space(FULL, 1e-3)
+    rows = []
+    for i, k in enumerate(grid.grid()):
+        shrink = {"none": 1.0, "int8-dynamic": 0.3, "int8-static": 0.25, "qat-int8": 0.25}[k.quantization]
+        shrink *= 1.0 - (k.prune_ratio if k.prune_kind != "none" else 0.0)
+        acc = 0.45 if hopeless(k) else 0.9 - 0.01 * (1 - shrink)
+        mem = 4.0 / k.accumulation * (0.6 if k.precision == "bf16" else 1.0)
+        compiled = k.quantization in ("int8-static", "qat-int8")
+        costs = {} if compiled else {"latency_ms": 0.5 + shrink / 2, "size_mib": shrink}
+        rows.append({
+            "knobs": k.to_dict(), "trial": i, "ok": True, "feasible": acc >= BASE[0] - 0.01,
+            "values": [acc, BASE[1] * (0.5 + shrink / 2), mem, BASE[3] * shrink],
+            "seconds": 30.0 if compiled else 10.0, "rung_s": 1.0,
+            "rungs": [{"step": 15, "accuracy": acc, "costs": costs, "seconds": 3.0},
+                      {"step": 30, "accuracy": acc, "costs": costs, "seconds": 5.0}],
+            "cheap": {"latency_ms": BASE[1] * (0.5 + shrink / 2), "size_mib": BASE[3] * shrink}})
+    return {"workload": "synthetic", "hardware": {"device": "cpu", "name": "test", "torch_version": "-"},
+            "settings": {"trial_steps": 60, "latency_batch": 1}, "grid": search.GRID, "space": grid.to_dict(),
+            "lr": 1e-3, "baseline": BASE, "baseline_metrics": BASE_METRICS,
+            "constraints": {"max_accuracy_drop": 1.0}, "rows": rows}
+
+
+def test_without_early_stopping_a_trial_costs_its_time_less_the_rungs():
+    table = _table()
+    trials = stopping.replay(table, "random", 0, early_stop=False, budget=100.0)
+    rows = {search.key(r["knobs"]): r for r in table["rows"]}
+    spent = 0.0
+    for t in trials:
+        spent += rows[t["key"]]["seconds"] - 1.0
+        assert t["spent"] == pytest.approx(spent) and t["stopped"] is None
+    assert trials[-2]["spent"] < 100.0 <= trials[-1]["spent"], "it runs until its budget is spent"
+
+
+def test_a_hopeless_trial_stops_at_its_first_rung_and_costs_its_time_there():
+    table = _table()
+    trials = stopping.replay(table, "random", 1, early_stop=True, budget=2000.0)
+    rows = {search.key(r["knobs"]): r for r in table["rows"]}
+    before = 0.0
+    stopped = [t for t in trials if t["stopped"] is not None]
+    assert stopped, "the table holds hopeless configurations a random sampler meets"
+    for t in trials:
+        k = Knobs.from_dict(rows[t["key"]]["knobs"])
+        if hopeless(k):
+            # 45 points down, past --max-accuracy-drop 1 plus the 10-point default allowance.
+            assert t["stopped"] == 15 and not t["ok"]
+            assert t["spent"] - before == pytest.approx(3.0)
+        else:
+            assert t["stopped"] is None or t["stopped"] in (15, 30)
+            if t["stopped"] is None:
+                assert t["spent"] - before == pytest.approx(rows[t["key"]]["seconds"]), \
+                    "a trial run to its end under early stopping also paid for its rungs"
+        before = t["spent"]
+
+
+def test_a_trial_without_cheap_costs_is_never_dominated_only_constraint_stopped():
+    table = _table()
+    trials = stopping.replay(table, "random", 2, early_stop=True, budget=3000.0)
+    rows = {search.key(r["knobs"]): r for r in table["rows"]}
+    for t in trials:
+        row = rows[t["key"]]
+        if t["stopped"] is not None and not row["rungs"][0]["costs"]:
+            assert hopeless(Knobs.from_dict(row["knobs"])), "stopped with no cost measured: only on accuracy"
+
+
+def test_the_rule_replayed_is_the_studys():
+    """The same point, peers and history give the replay's decision and ``rungs.decide``'s."""
+    table = _table()
+    row = next(r for r in table["rows"] if hopeless(Knobs.from_dict(r["knobs"])))
+    k = Knobs.from_dict(row["knobs"])
+    stop = stopping._stop_at(row, 0, k, {}, BASE_METRICS, stopping.Constraints.from_dict(table["constraints"]),
+                             {}, rungs.Rule())
+    direct = rungs.decide(rungs.Point.from_dict(0, row["rungs"][0]), [], baseline=BASE_METRICS,
+                          constraints=stopping.Constraints(max_accuracy_drop=1.0),
+                          measured=row["cheap"])
+    assert direct.stop and stop == row["rungs"][0]
+    lenient = stopping._stop_at(row, 0, k, {}, BASE_METRICS, stopping.Constraints(max_accuracy_drop=60.0), {},
+                                rungs.Rule())
+    assert lenient is None, "within a 60-point limit it runs on"
+
+
+def test_only_feasible_completed_trials_count_on_the_front():
+    table = _table()
+    best = max(table["rows"], key=lambda r: (r["feasible"], -r["values"][1]))
+    bad = next(r for r in table["rows"] if not r["feasible"])
+    key = search.key
+    completed = [{"key": key(best["knobs"]), "ok": True, "stopped": None, "spent": 10.0}]
+    as_stopped = [{"key": key(best["knobs"]), "ok": False, "stopped": 15, "spent": 3.0}]
+    infeasible = [{"key": key(bad["knobs"]), "ok": True, "stopped": None, "spent": 10.0}]
+    assert stopping.curve(table, completed, [10.0])[10.0] > 0
+    assert stopping.curve(table, completed, [9.0])[9.0] == 0, "not yet paid for at 9 s"
+    assert stopping.curve(table, as_stopped, [10.0])[10.0] == 0, "a stopped trial is never on the front"
+    assert stopping.curve(table, infeasible, [10.0])[10.0] == 0, "nor one outside the constraints"
+
+
+def test_compare_reports_hypervolume_at_equal_compute_and_the_goals():
+    table = _table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = stopping.compare(table, seeds=3)
+    assert report["scale_trials"] == stopping.FULL and report["scale_s"] > 0
+    methods = report["methods"]
+    assert set(methods) == {"tpe, early stopping", "tpe, no early stopping", "random, early stopping",
+                            "random, no early stopping"}
+    for m in methods.values():
+        medians = [m["hypervolume"][str(s)]["median"] for s in report["shares"]]
+        assert medians == sorted(medians), "a front only grows with compute"
+        assert (m["stopped"]["median"] > 0) == m["early_stop"]
+    # Random search without early stopping at share 1.0 spends its own scale (its median).
+    assert methods["random, no early stopping"]["hypervolume"]["1.0"]["median"] >= 0.99 * report[
+        "target_hypervolume"] - 1e-9
+    goal = report["goals"]["default_reaches_random_full"]
+    assert goal["met"] == (goal["median_share"] <= stopping.GOAL_SHARE)
+    behind = report["goals"]["early_stop_never_behind"]
+    es, no = methods["tpe, early stopping"]["hypervolume"], methods["tpe, no early stopping"]["hypervolume"]
+    assert behind["behind_at"] == [s for s in report["shares"] if es[str(s)]["median"] < no[str(s)]["median"]]
+    text = stopping.render(report)
+    assert "tpe, early stopping (default)" in text and "25%" in text
+    json.dumps(report)
+
+
+def test_the_chart_shows_hypervolume_against_compute():
+    report = search.compare(_synthetic_table(), ("random",), seeds=2, budgets=(10, 20))
+    report["early_stopping"] = stopping.compare(_table(), seeds=2)
+    page = render.search_efficiency(report)
+    assert 'id="search-compute"' in page and "Hypervolume at equal compute" in page
+    for name in report["early_stopping"]["methods"]:
+        assert name in page
