@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from advisor import objectives, space
-from advisor.bench import search
+from advisor.bench import live, search
 from advisor.dashboard import render
 from advisor.knobs import Knobs
 from advisor.study import rungs
@@ -192,15 +192,15 @@ def test_bad_flags_get_one_line_before_anything_is_measured(workdir, flags, mess
 
 @pytest.mark.slow  # about 2.5 minutes: the one-at-a-time study compiles with max-autotune
 def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
-    report = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
-                         trials=3, budgets=(1, 3), **FAST)
+    report = live.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
+                       trials=3, budgets=(1, 3), **FAST)
     hv = report["samplers"]["random"]["hypervolume"]
     assert hv["1"]["median"] <= hv["3"]["median"] and report["budgets"] == [1, 3]
     # The baseline plus each one-at-a-time configuration this CPU offers, each a real trial.
     assert report["one_at_a_time"]["trials"] == 1 + len(search.COMMON) - report["one_at_a_time"]["failed"]
     dom = report["tpe_dominates_one_at_a_time"]
     assert dom == {"of": len(search.COMMON) - report["one_at_a_time"]["failed"], "escaped_per_seed": {}}
-    text = search.render(report)
+    text = live.render(report)
     assert "live studies of the full space" in text and "random" in text
     oat = optuna.load_study(study_name="live-one-at-a-time", storage="sqlite:///live/live.db")
     base = Knobs().to_dict()
@@ -208,8 +208,8 @@ def test_live_mode_runs_real_studies_and_scores_them_alike(workdir):
         changed = {k for k, v in Knobs.from_dict(t.params).to_dict().items() if v != base[k]}
         assert 1 <= len(changed - {"prune_ratio", "distill_temperature"}) <= 3, \
             f"one technique (the last config: three) on the baseline's knobs: {changed}"
-    again = search.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
-                        trials=3, budgets=(1, 3), **FAST)
+    again = live.live("workloads:tensor_mlp", "cpu", study_dir="live", samplers=("random",), seeds=1,
+                      trials=3, budgets=(1, 3), **FAST)
     assert again["samplers"] == report["samplers"], "a rerun resumes the finished studies"
 
 

@@ -32,12 +32,12 @@ import optuna
 from optuna.trial import TrialState
 
 from advisor import objectives, space
-from advisor.bench.knobs import COMMON, label
-from advisor.bench.offered import split_offered, workload_space
+from advisor.bench.knobs import COMMON
+from advisor.bench.offered import workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
-from advisor.study import SAMPLERS, RunOptions, StudyRecord, load, run
+from advisor.study import SAMPLERS, RunOptions, load, run
 from advisor.study.options import make_sampler
 from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
@@ -260,7 +260,7 @@ def compare(table: dict, samplers: tuple[str, ...] = SAMPLERS, seeds: int = 10, 
         runs[name] = {"seeds": n, "curves": curves, "fronts": fronts,
                       "replay_s": time.perf_counter() - started}
     oat = _one_at_a_time(table)
-    summary = {name: {b: _spread([c[b] for c in r["curves"]]) for b in steps}
+    summary = {name: {b: spread([c[b] for c in r["curves"]]) for b in steps}
                for name, r in runs.items()}
     report = {
         "mode": "table",
@@ -285,7 +285,7 @@ def _front_rows(rows: list[dict]) -> list[str]:
     return sorted({key(ok[i]["knobs"]) for i in front([r["values"] for r in ok])})
 
 
-def _spread(xs: list[float]) -> dict:
+def spread(xs: list[float]) -> dict:
     q = np.percentile(xs, [25, 75]) if len(xs) > 1 else [xs[0], xs[0]]
     return {"median": statistics.median(xs), "q25": float(q[0]), "q75": float(q[1]),
             "min": min(xs), "max": max(xs), "n": len(xs)}
@@ -328,85 +328,10 @@ def _goals(runs: dict, summary: dict, oat: dict, table: dict) -> dict:
     return goals
 
 
-def live(model: str | None = None, device: str = "auto", *, study_dir: str,
-         samplers: tuple[str, ...] = ("tpe", "random"), seeds: int = 2, trials: int = 30,
-         budgets: tuple[int, ...] = (10, 20, 30), progress: Progress = silent, **settings) -> dict:
-    """The comparison with real studies of the full space, no grid: ``seeds`` studies of
-    ``trials`` trials per sampler, and the one-technique-at-a-time recipe as a study of its
-    own. Slow (every trial is real), so few seeds; resumable like any study."""
-    root = Path(study_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{root / 'live.db'}"
-    steps = tuple(sorted(b for b in set(budgets) | set(range(5, trials + 1, 5)) if b <= trials))
-    runs, trial_s = {}, 0.0
-    for name in samplers:
-        curves, tails = [], []
-        for seed in range(seeds):
-            study = _live_study(model, device, url, root, f"live-{name}-{seed}", trials, progress,
-                                sampler=name, seed=seed, **settings)
-            rows, base = _trial_rows(study)
-            curves.append(curve(rows, base, steps))
-            tails.append([r["values"] if r["ok"] else None for r in rows])
-            trial_s += sum(r["seconds"] for r in rows)
-        runs[name] = {"seeds": seeds, "curves": curves, "values": tails}
-    # Whole configurations: the baseline's knobs with one technique changed (a partial one
-    # would let the sampler fill the rest at random), as far as this machine offers them.
-    lr = settings.get("lr") or DEFAULT_LR
-    _, _, search = workload_space(model, device, root / "cache" / "offered", lr)
-    offered, left_out = split_offered(COMMON, search)
-    configs = [{**Knobs(lr=lr).to_dict(), **c} for c in offered]
-    oat = _live_study(model, device, url, root, "live-one-at-a-time", len(configs), progress,
-                      sampler="random", seed=0, enqueue=configs, **settings)
-    oat_rows, oat_base = _trial_rows(oat)
-    trial_s += sum(r["seconds"] for r in oat_rows)
-    oat_ok = [r for r in oat_rows if r["ok"]]
-    oat_values = [oat_base] + [r["values"] for r in oat_ok]
-    summary = {name: {b: _spread([c[b] for c in r["curves"]]) for b in steps} for name, r in runs.items()}
-    dominated = {}
-    if "tpe" in runs:
-        for b in budgets:
-            # OAT configurations the default sampler's first b trials do not dominate, per seed.
-            dominated[str(b)] = [[r["knobs"] for r in oat_ok
-                                  if not any(v and dominates(v, r["values"]) for v in values[:b])]
-                                 for values in runs["tpe"]["values"]]
-    return {
-        "mode": "live", "workload": oat.workload["name"],
-        "hardware": oat.hardware, "settings": oat.settings,
-        "reference": SEARCH_REFERENCE, "budgets": [b for b in budgets if b <= trials], "steps": list(steps),
-        "samplers": {name: {"seeds": r["seeds"], "hypervolume": {str(b): summary[name][b] for b in steps}}
-                     for name, r in runs.items()},
-        # "failed": the recipe's configurations that gave no measurement: failed trials, and
-        # those this machine does not offer ("not_offered", with the space's reason).
-        "one_at_a_time": {"trials": len(oat_values), "hypervolume": hypervolume(
-            [signed_ratios(v, oat_base) for v in oat_values]),
-            "failed": sum(not r["ok"] for r in oat_rows) + len(left_out),
-            "not_offered": [{"config": label(c), "reason": why} for c, why in left_out]},
-        "tpe_dominates_one_at_a_time": {"of": len(oat_ok), "escaped_per_seed": dominated},
-        "trials_s": trial_s,  # the trials' own durations, over every run that made them
-    }
-
-
-def _live_study(model, device, url: str, root: Path, name: str, trials: int, progress, **options):
-    run_options = RunOptions(model=model, device=device, trials=trials, study_trials=trials,
-                                  storage=url, cache_dir=str(root / "cache"), study=name,
-                                  early_stop=False, **options)
-    run(run_options, progress(trials))
-    return load(name, url)
-
-
-def _trial_rows(record: StudyRecord) -> tuple[list[dict], list[float]]:
-    """A finished study's trials in order (failed ones count against the budget)."""
-    rows = [{"ok": t.state == "complete", "values": t.values, "knobs": t.describe(), "seconds": t.seconds}
-            for t in record.trials if t.state in ("complete", "fail")]
-    return rows, objectives.values(record.baseline_metrics)
-
-
 def render(report: dict) -> str:
-    if report.get("mode") == "live":
-        return _render_live(report)
     budgets = report["budgets"]
     cols = ["method", "seeds"] + [f"HV @{b}" for b in budgets]
-    rows = _hv_rows(report)
+    rows = hv_rows(report)
     hw, s = report["hardware"], report["settings"]
     ref = report["reference"]
     lines = [
@@ -435,7 +360,7 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _hv_rows(report: dict) -> list[list[str]]:
+def hv_rows(report: dict) -> list[list[str]]:
     rows = []
     for name, r in report["samplers"].items():
         cells = [f"{r['hypervolume'][str(b)]['median']:.3f} [{r['hypervolume'][str(b)]['q25']:.3f}-"
@@ -445,26 +370,3 @@ def _hv_rows(report: dict) -> list[list[str]]:
     rows.append([f"one at a time ({oat['trials']} trials)", "-"]
                 + [f"{oat['hypervolume']:.3f}" if b >= oat["trials"] else "" for b in report["budgets"]])
     return rows
-
-
-def _render_live(report: dict) -> str:
-    hw, s, ref = report["hardware"], report["settings"], report["reference"]
-    cols = ["method", "seeds"] + [f"HV @{b}" for b in report["budgets"]]
-    lines = [
-        f"Search efficiency, live studies of the full space: {report['workload']} on {hw['device']} "
-        f"({hw['name']}), torch {hw['torch_version']}; {s['trial_steps']} fine-tune steps, latency at "
-        f"batch {s['latency_batch']}; {report['trials_s'] / 60:.0f} min of trials",
-        f"Hypervolume of the front after N trials, median [25th-75th percentile] over seeds; "
-        f"objectives / each study's baseline, reference: accuracy {ref['accuracy']:g}x, latency, "
-        f"memory, size {ref['latency_ms']:g}x",
-        table(cols, _hv_rows(report), right=set(range(1, len(cols)))),
-    ]
-    for skipped in report["one_at_a_time"].get("not_offered", []):
-        lines.append(f"one-at-a-time configuration not offered here: {skipped['config']} ({skipped['reason']})")
-    dom = report["tpe_dominates_one_at_a_time"]
-    for b, escaped in dom["escaped_per_seed"].items():
-        shares = ", ".join(f"{dom['of'] - len(e)}/{dom['of']}" for e in escaped)
-        names = sorted({k for e in escaped for k in e})
-        lines.append(f"one-at-a-time configurations dominated by the default sampler's first {b} "
-                     f"trials: {shares} (per seed)" + (f"; not dominated: {'; '.join(names)}" if names else ""))
-    return "\n".join(lines)

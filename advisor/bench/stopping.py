@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from advisor import objectives
-from advisor.bench.search import grid_from, hypervolume, key, signed_ratios
+from advisor.bench.search import grid_from, hypervolume, key, signed_ratios, spread
 from advisor.constraints import Constraints
 from advisor.knobs import Knobs
 from advisor.study import rungs
@@ -144,11 +144,11 @@ def compare(table: dict, seeds: int = 20, methods=METHODS, shares=SHARES, progre
                          f"hypervolume {c[budgets[-1]]:.3f}")
         results[name] = {
             "sampler": sampler, "early_stop": early, "seeds": seeds, "replay_s": time.perf_counter() - started,
-            "hypervolume": {str(s): _spread([h[s] for h in hv]) for s in shares},
-            "chart": [_spread(list(at)) for at in zip(*chart, strict=True)],  # every 5% of the scale
+            "hypervolume": {str(s): spread([h[s] for h in hv]) for s in shares},
+            "chart": [spread(list(at)) for at in zip(*chart, strict=True)],  # every 5% of the scale
             "reaches_target_share": _spread_missing(reach),
-            "trials": _spread([c["trials"] for c in counts]),
-            "stopped": _spread([c["stopped"] for c in counts]),
+            "trials": spread([c["trials"] for c in counts]),
+            "stopped": spread([c["stopped"] for c in counts]),
         }
     report = {
         "workload": table["workload"], "hardware": table["hardware"], "settings": table["settings"],
@@ -159,11 +159,6 @@ def compare(table: dict, seeds: int = 20, methods=METHODS, shares=SHARES, progre
     }
     report["goals"] = _goals(report)
     return report
-
-
-def _spread(xs: list[float]) -> dict:
-    q = np.percentile(xs, [25, 75])
-    return {"median": float(statistics.median(xs)), "q25": float(q[0]), "q75": float(q[1]), "n": len(xs)}
 
 
 def _spread_missing(xs: list[float | None]) -> dict:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from advisor import bench
+from advisor.bench import live, search, stopping
 from advisor.bench import noise as noise_bench
-from advisor.bench import search, stopping
 from advisor.bench import varlen as varlen_bench
 from advisor.bench import zoo as zoo_bench
 from advisor.dashboard import render
@@ -222,10 +222,10 @@ def search_bench(args: argparse.Namespace) -> int:
     if args.live:
         if max(budgets) > args.live_trials:
             raise AdvisorError(f"--budgets must not exceed --live-trials {args.live_trials}; got {args.budgets}")
-        report = search.live(args.model, args.device, study_dir="studies/search-live",
+        report = live.live(args.model, args.device, study_dir="studies/search-live",
                              samplers=samplers, seeds=seeds, trials=args.live_trials, budgets=budgets,
                              trial_timeout=args.trial_timeout, progress=Progress, **settings)
-        print(search.render(report))
+        print(live.render(report))
         _write(args.json or "studies/bench-search-live.json", report)
         return 0
     table = search.measure_table(args.model, args.device, study_dir=args.table_dir, workers=args.workers,
