@@ -13,6 +13,7 @@ from advisor.bench import search, stopping
 from advisor.dashboard import render
 from advisor.knobs import Knobs
 from advisor.study import rungs
+from conftest import FAST
 
 BASE_METRICS = {"accuracy": BASE[0], "latency_ms": BASE[1], "memory_mib": BASE[2], "size_mib": BASE[3]}
 
@@ -153,3 +154,29 @@ def test_the_chart_shows_hypervolume_against_compute():
     assert 'id="search-compute"' in page and "Hypervolume at equal compute" in page
     for name in report["early_stopping"]["methods"]:
         assert name in page
+
+
+def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(workdir):
+    settings = {**FAST, "trial_steps": 12}
+    first = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("on",),
+                          **settings)
+    assert first is None, "the arm without early stopping is not stored yet"
+    report = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("off",),
+                           **settings)
+    assert set(report["arms"]) == {"on", "off"}
+    for arm in report["arms"].values():
+        (seed,) = arm["seeds"]
+        assert seed["wall_s"] > 0 and seed["trial_s"] > 0
+        assert seed["hypervolume"] >= seed["at_compute"]["0.25"] >= 0
+    off = report["arms"]["off"]["seeds"][0]
+    assert report["scale_s"] == pytest.approx(off["trial_s"])
+    pair = report["goals"]["side_by_side"][0]
+    assert pair["wall_ratio"] == pytest.approx(report["arms"]["on"]["seeds"][0]["wall_s"] / off["wall_s"])
+    assert report["goals"]["wall_at_most_60pct_with_hv_at_least"] == (
+        pair["wall_ratio"] <= 0.6 and pair["hypervolume_on"] >= pair["hypervolume_off"])
+    text = stopping.render_live(report)
+    assert "goal: at most 60% of the wall time" in text and "seed 0" in text
+    again = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, **settings)
+    assert again["arms"]["on"]["seeds"][0]["wall_s"] == report["arms"]["on"]["seeds"][0]["wall_s"], \
+        "a rerun with every study stored runs nothing and keeps the measured wall times"
+    json.dumps(report)

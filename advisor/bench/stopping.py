@@ -20,18 +20,21 @@ front a study reports: completed trials that meet the table study's constraints.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from advisor import objectives
+from advisor.bench.progress import Progress, silent
 from advisor.bench.search import grid_from, hypervolume, key, signed_ratios, spread
 from advisor.constraints import Constraints
 from advisor.knobs import Knobs
-from advisor.study import rungs
+from advisor.study import RunOptions, load, run, rungs
 from advisor.study.options import make_sampler
 from advisor.texttable import table
 
@@ -224,3 +227,115 @@ def render(report: dict) -> str:
 
 def _limits(report: dict) -> str:
     return Constraints.from_dict(report["constraints"]).describe()
+
+
+# -- the live check: default studies with and without early stopping, side by side ----------
+
+ARMS = {"on": True, "off": False}
+
+
+def live(model: str | None = None, device: str = "auto", *, study_dir: str, seeds: int = 3, trials: int = 20,
+         arms: tuple[str, ...] = ("on", "off"), progress: Progress = silent, **settings) -> dict | None:
+    """``seeds`` default studies (the default sampler, ``trials`` trials) with early stopping
+    and as many without, in ``study_dir``; resumable. Run one arm per process to measure them
+    side by side (each pinned to its own cores), then both to report: None until every study
+    of both arms is stored. The unit is the same as the table's: seconds of trials, summed;
+    each run's wall time is kept too."""
+    root = Path(study_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{root / 'live.db'}"
+    walls_file = root / "walls.json"
+    for arm in arms:
+        for seed in range(seeds):
+            name = f"{arm}-{seed}"
+            options = RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=url,
+                                 cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
+                                 early_stop=ARMS[arm], **settings)
+            began = time.perf_counter()
+            result = run(options, progress(trials))
+            if result.completed + result.failed + result.stopped:  # it ran trials: its wall time is new
+                walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
+                walls[name] = time.perf_counter() - began
+                walls_file.write_text(json.dumps(walls))
+    names = [f"{arm}-{seed}" for arm in ARMS for seed in range(seeds)]
+    stored = set(optuna.study.get_all_study_names(url))
+    if not all(n in stored for n in names):
+        return None
+    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
+    studies = {n: _live_trials(load(n, url)) for n in names}
+    scale = statistics.median(studies[f"off-{s}"][-1]["spent"] for s in range(seeds))
+    shares = (0.25, 0.5, 0.75, 1.0)
+    out = {}
+    for arm in ARMS:
+        per_seed = []
+        for seed in range(seeds):
+            trials_ = studies[f"{arm}-{seed}"]
+            hv = {str(s): _live_hv(trials_, s * scale) for s in shares}
+            per_seed.append({"seed": seed, "wall_s": walls.get(f"{arm}-{seed}"), "trial_s": trials_[-1]["spent"],
+                             "stopped": sum(t["state"] == "pruned" for t in trials_),
+                             "hypervolume": _live_hv(trials_, float("inf")), "at_compute": hv})
+        out[arm] = {"seeds": per_seed,
+                    "hypervolume": spread([p["hypervolume"] for p in per_seed]),
+                    "trial_s": spread([p["trial_s"] for p in per_seed]),
+                    "at_compute": {str(s): spread([p["at_compute"][str(s)] for p in per_seed]) for s in shares}}
+    first = load(names[0], url)
+    return {"mode": "live", "workload": first.workload["name"], "hardware": first.hardware,
+            "settings": first.settings, "trials": trials, "scale_s": scale, "shares": list(shares),
+            "arms": out, "goals": _live_goals(out)}
+
+
+def _live_trials(record) -> list[dict]:
+    """A study's trials in order with the compute spent so far and, for a completed one, its
+    point (``signed_ratios`` of what it told Optuna) and whether it meets the constraints."""
+    base = record.baseline_metrics
+    spent, out = 0.0, []
+    for t in record.trials:
+        if t.state not in ("complete", "fail", "pruned"):
+            continue
+        spent += t.seconds
+        row = {"state": t.state, "spent": spent}
+        if t.state == "complete" and not record.constraints.misses(t.metrics, base):
+            row["point"] = signed_ratios(objectives.told(t.result, base), objectives.values(base)).tolist()
+        out.append(row)
+    return out
+
+
+def _live_hv(trials: list[dict], budget: float) -> float:
+    return hypervolume([np.array(t["point"]) for t in trials if "point" in t and t["spent"] <= budget])
+
+
+def _live_goals(arms: dict) -> dict:
+    on, off = arms["on"]["seeds"], arms["off"]["seeds"]
+    pairs = [{"seed": a["seed"], "wall_ratio": a["wall_s"] / b["wall_s"] if a["wall_s"] and b["wall_s"] else None,
+              "hypervolume_on": a["hypervolume"], "hypervolume_off": b["hypervolume"]}
+             for a, b in zip(on, off, strict=True)]
+    return {"side_by_side": pairs,
+            "wall_at_most_60pct_with_hv_at_least": all(p["wall_ratio"] is not None and p["wall_ratio"] <= 0.6
+                                                       and p["hypervolume_on"] >= p["hypervolume_off"]
+                                                       for p in pairs)}
+
+
+def render_live(report: dict) -> str:
+    hw = report["hardware"]
+    lines = [f"Early stopping live: {report['workload']} on {hw['device']} ({hw['name']}), torch "
+             f"{hw['torch_version']}; default studies of {report['trials']} trials, the default sampler, "
+             f"seeds 0-{len(report['arms']['on']['seeds']) - 1}; HV of the feasible front (paired latency "
+             f"ratios); 100% compute = the median trial-seconds without early stopping "
+             f"({report['scale_s'] / 60:.1f} min)"]
+    cols = ["early stopping", "seed", "wall", "trial-seconds", "stopped", "HV"] + [
+        f"HV @{s:.0%}" for s in report["shares"]]
+    rows = []
+    for arm, a in report["arms"].items():
+        for p in a["seeds"]:
+            wall = f"{p['wall_s'] / 60:.1f} min" if p["wall_s"] else "-"
+            rows.append([arm, str(p["seed"]), wall, f"{p['trial_s']:.0f}", str(p["stopped"]),
+                         f"{p['hypervolume']:.3f}", *(f"{p['at_compute'][str(s)]:.3f}" for s in report["shares"])])
+    lines.append(table(cols, rows, right=set(range(1, len(cols)))))
+    for p in report["goals"]["side_by_side"]:
+        ratio = f"{p['wall_ratio']:.2f}x" if p["wall_ratio"] is not None else "-"
+        lines.append(f"seed {p['seed']}: wall with early stopping {ratio} of without; HV "
+                     f"{p['hypervolume_on']:.3f} against {p['hypervolume_off']:.3f}")
+    met = report["goals"]["wall_at_most_60pct_with_hv_at_least"]
+    lines.append(f"goal: at most 60% of the wall time with an equal or higher HV, every seed: "
+                 f"{'met' if met else 'NOT met'}")
+    return "\n".join(lines)

@@ -75,6 +75,24 @@ def register(sub) -> None:
     s.add_argument("--chart", default="dashboards/search-efficiency.html", metavar="PATH",
                    help="where to write the plotly chart (default dashboards/search-efficiency.html)")
     s.set_defaults(handler=search_bench)
+    e = which.add_parser("stopping", help="default studies with and without early stopping, side by side",
+                         description="Run --seeds default studies of --trials trials with early stopping and "
+                                     "as many without (resumable), then report each one's wall time, "
+                                     "trial-seconds and hypervolume, and hypervolume at equal compute. To "
+                                     "measure them side by side, run each --arm in its own process pinned to "
+                                     "its own cores (taskset), then once more without --arm to report.")
+    e.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--seeds", type=int, default=3, metavar="N", help="studies per arm (default 3)")
+    e.add_argument("--trials", type=int, default=20, metavar="N", help="trials per study (default 20)")
+    e.add_argument("--arm", choices=("on", "off"), help="run only the studies with (on) or without (off) "
+                   "early stopping")
+    e.add_argument("--dir", default="studies/stopping-live", metavar="DIR",
+                   help="where the studies are kept (default studies/stopping-live)")
+    e.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
+    e.add_argument("--json", default="studies/bench-stopping.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-stopping.json)")
+    e.set_defaults(handler=stopping_bench)
     v = which.add_parser("varlen", help="fixed-size batches against token budgets on a variable-length "
                          "workload, the same samples each")
     v.add_argument("--model", default=varlen_bench.TEXT, metavar="MODULE:FUNCTION",
@@ -202,6 +220,22 @@ def _positive_list(flag: str, text: str) -> tuple[int, ...]:
         raise AdvisorError(f"{flag} must be comma-separated positive integers (like 10,30,100); "
                            f"got {text!r}")
     return values
+
+
+def stopping_bench(args: argparse.Namespace) -> int:
+    for flag, value in (("--seeds", args.seeds), ("--trials", args.trials)):
+        if value < 1:
+            raise AdvisorError(f"{flag} must be a positive integer; got {value}")
+    arms = (args.arm,) if args.arm else ("on", "off")
+    report = stopping.live(args.model, args.device, study_dir=args.dir, seeds=args.seeds, trials=args.trials,
+                           arms=arms, trial_timeout=args.trial_timeout, progress=Progress)
+    if report is None:
+        print(f"the other arm's studies are not all in {args.dir} yet: run it (--arm), then this command "
+              "without --arm to report")
+        return 0
+    print(stopping.render_live(report))
+    _write(args.json, report)
+    return 0
 
 
 def search_bench(args: argparse.Namespace) -> int:
