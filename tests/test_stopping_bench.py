@@ -179,4 +179,6 @@ def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(wor
     again = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, **settings)
     assert again["arms"]["on"]["seeds"][0]["wall_s"] == report["arms"]["on"]["seeds"][0]["wall_s"], \
         "a rerun with every study stored runs nothing and keeps the measured wall times"
+    assert stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=3, arms=(), **settings) \
+        is None, "studies holding fewer trials than asked (one still running) are not reported"
     json.dumps(report)

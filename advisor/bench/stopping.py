@@ -239,8 +239,9 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     """``seeds`` default studies (the default sampler, ``trials`` trials) with early stopping
     and as many without, in ``study_dir``; resumable. Run one arm per process to measure them
     side by side (each pinned to its own cores), then both to report: None until every study
-    of both arms is stored. The unit is the same as the table's: seconds of trials, summed;
-    each run's wall time is kept too."""
+    of both arms holds its ``trials`` finished trials. A study that holds them is not resumed
+    (so a report from another process, on other cores, runs nothing). The unit is the same
+    as the table's: seconds of trials, summed; each run's wall time is kept too."""
     root = Path(study_dir)
     root.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root / 'live.db'}"
@@ -248,6 +249,8 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     for arm in arms:
         for seed in range(seeds):
             name = f"{arm}-{seed}"
+            if name in optuna.study.get_all_study_names(url) and len(_live_trials(load(name, url))) >= trials:
+                continue
             options = RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=url,
                                  cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
                                  early_stop=ARMS[arm], **settings)
@@ -261,8 +264,10 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     stored = set(optuna.study.get_all_study_names(url))
     if not all(n in stored for n in names):
         return None
-    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
     studies = {n: _live_trials(load(n, url)) for n in names}
+    if any(len(t) < trials for t in studies.values()):
+        return None  # a study of the other arm is still running (or was cut short): not comparable yet
+    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
     scale = statistics.median(studies[f"off-{s}"][-1]["spent"] for s in range(seeds))
     shares = (0.25, 0.5, 0.75, 1.0)
     out = {}
