@@ -18,7 +18,7 @@ from advisor.report import Progress
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency, "
-                       "token-budget batching, the zoo, latency under noise",
+                       "early stopping, token-budget batching, the zoo, latency under noise",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
