@@ -211,6 +211,13 @@ def test_accuracy_equals_an_independent_evaluation(tmp_path):
     assert scores["selection"] == pytest.approx(hits[0::2].sum().item() / 102, abs=1e-12)
     assert scores["confirmation"] == pytest.approx(hits[1::2].sum().item() / 101, abs=1e-12)
     assert scores["selection"] != scores["confirmation"], "two different sets of samples"
+    # A rung reads the selection part alone, on half the forward passes, to the same value.
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    alone = measure.evaluate_selection(model, val, accuracy, batch=64, device=CPU,
+                                       autocast=torch.autocast("cpu", enabled=False))
+    assert alone == pytest.approx(scores["selection"], abs=1e-12)
+    assert sum(calls) == 128, "102 selection samples in two padded batches of 64, no confirmation sample"
 
 
 def test_a_per_token_metric_is_scored_by_parts_of_whole_sequences(tmp_path):

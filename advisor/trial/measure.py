@@ -406,20 +406,32 @@ def evaluate_parts(model: nn.Module, data: MappedSplit, metric: MetricFn, *, bat
             "per_sample": targets.dim() <= 1}
 
 
+def evaluate_selection(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int,
+                       device: torch.device, autocast) -> float:
+    """The workload's metric on the split's selection part alone (``parts``): what
+    ``evaluate_parts`` gives as ``selection``, for half the forward passes (a rung's read)."""
+    selection, _ = parts(len(data))
+    outputs, targets = _outputs(model, data, metric, batch=batch, device=device, autocast=autocast,
+                                order=selection)
+    return metric_value(metric, outputs, targets)
+
+
 def parts(n: int) -> tuple[np.ndarray, np.ndarray]:
     """A split of ``n`` samples in two: the even positions select, the odd ones confirm (a
     split sorted by class keeps its balance in both)."""
     return np.arange(0, n, 2), np.arange(1, n, 2)
 
 
-def _outputs(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int,
-             device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(model: nn.Module, data: MappedSplit, metric: MetricFn, *, batch: int, device: torch.device,
+             autocast, order: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and targets of the split's samples, or of ``order`` (their indices) alone."""
+    order = np.arange(len(data)) if order is None else order
     outputs, targets = [], []
     # A metric that needs only part of the logits (the built-in accuracy: their argmax)
     # reduces each batch, so a language model's [samples, tokens, vocabulary] is never held.
     reduce = getattr(metric, "reduce", None) or (lambda out: out.float())
-    for idx, real in fixed_batches(len(data), batch):
-        inputs, target = data.batch(idx)
+    for idx, real in fixed_batches(len(order), batch):
+        inputs, target = data.batch(order[idx])
         with autocast:
             out = logits_of(call_model(model, to_device(inputs, device)))
         outputs.append(reduce(out[:real]).cpu())

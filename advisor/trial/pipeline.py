@@ -303,8 +303,8 @@ def rung_accuracy(student: torch.nn.Module, val: MappedSplit, metric, precision_
     trial's training precision, on the validation split's selection part only."""
     student.eval()
     try:
-        return measure.evaluate_parts(student, val, metric, batch=batch, device=device,
-                                      autocast=precision.autocast(precision_cfg, device.type))["selection"]
+        return measure.evaluate_selection(student, val, metric, batch=batch, device=device,
+                                          autocast=precision.autocast(precision_cfg, device.type))
     finally:
         student.train()
 
