@@ -52,10 +52,6 @@ def full_cost(row: dict) -> float:
     return max(0.0, row["seconds"] - row.get("rung_s", 0.0))
 
 
-def _point(number: int, values: dict) -> rungs.Point:
-    return rungs.Point.from_dict(number, values)
-
-
 def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: float,
            max_trials: int = MAX_TRIALS, rule: rungs.Rule | None = None) -> list[dict]:
     """One study over the table until it has spent ``budget`` seconds (or asked for
@@ -98,7 +94,7 @@ def _stop_at(row: dict, number: int, knobs: Knobs, points: dict, base: dict, con
     rule stops. The point it stopped at, or None when it runs to its end."""
     cheap = row.get("cheap", {})
     for values in row.get("rungs", []):
-        here = _point(number, {**values, "light": list(rungs.lightness(knobs))})
+        here = rungs.Point.from_dict(number, {**values, "light": list(rungs.lightness(knobs))})
         measured = {name: cheap[name] for name in ("latency_ms", "size_mib") if here.costs and name in cheap}
         decision = rungs.decide(here, points.get(here.step, []), baseline=base, constraints=constraints,
                                 measured=measured, gains=gains.get(here.step, []), rule=rule)
@@ -246,10 +242,11 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     root.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root / 'live.db'}"
     walls_file = root / "walls.json"
+    stored = set(optuna.study.get_all_study_names(url))
     for arm in arms:
         for seed in range(seeds):
             name = f"{arm}-{seed}"
-            if name in optuna.study.get_all_study_names(url) and len(_live_trials(load(name, url))) >= trials:
+            if name in stored and len(_live_trials(load(name, url))) >= trials:
                 continue
             options = RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=url,
                                  cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
@@ -261,7 +258,7 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
                 walls[name] = time.perf_counter() - began
                 walls_file.write_text(json.dumps(walls))
     names = [f"{arm}-{seed}" for arm in ARMS for seed in range(seeds)]
-    stored = set(optuna.study.get_all_study_names(url))
+    stored = set(optuna.study.get_all_study_names(url))  # again: this run may have added some
     if not all(n in stored for n in names):
         return None
     studies = {n: _live_trials(load(n, url)) for n in names}
