@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,6 +88,7 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         notes.append(f"measured on {config.provenance['device']}, applied on {hw.device}: the "
                      f"figures are not comparable")
 
+    config.layers.check(workload.model, "the config")
     spec = TrialSpec.template(workload, ref, cache, settings, hw.device, threads or hw.cores)
     if workload.trained:
         cache.save_baseline(workload.model.state_dict())
@@ -102,7 +103,7 @@ def apply(config: Config, model: str | None = None, data: str | None = None, *,
         if not outcome.ok:
             raise AdvisorError(f"the baseline failed ({outcome.phase}): {outcome.reason}; see {log.parent}")
         baseline = outcome.result
-        result, deploy = pipeline.measure_trial(spec.trial(0, knobs), _no_phase)
+        result, deploy = pipeline.measure_trial(replace(spec.trial(0, knobs), layers=config.layers), _no_phase)
     notes.append(f"log: {log}")
     applied = Applied(model=deploy.module, result=result, baseline=baseline, config=config,
                       notes=notes)

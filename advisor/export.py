@@ -25,12 +25,13 @@ from advisor.objectives import NAMES
 from advisor.recommend import GOALS, Recommendation
 from advisor.study import storage
 from advisor.study.record import StudyRecord
+from advisor.techniques.layers import NO_PLAN, LayerPlan
 from advisor.version import __version__
 
-SCHEMA = 2  # 2: the trial's paired latency ratios ("paired")
+SCHEMA = 3  # 2: the trial's paired latency ratios ("paired"); 3: its per-layer choice ("layers")
 KEYS = ("advisor_config", "goal", "feasible", "knobs", "measured", "baseline", "constraints",
-        "provenance", "serving", "paired")
-REQUIRED = KEYS[:-2]  # "serving" only in configs of serving studies, "paired" from schema 2
+        "provenance", "serving", "paired", "layers")
+REQUIRED = KEYS[:-3]  # "serving" only in configs of serving studies, "paired" from schema 2, "layers" 3
 PAIRED = ("latency", "latency_batch1", "serving_p99")  # each: ratio, low, high (its interval), rounds
 SERVING = ("rate", "requests", "counted", "deadline_ms", "max_batch", "max_wait_ms", "p50_ms", "p99_ms",
            "throughput_rps", "overload_share", "saturated")
@@ -52,6 +53,7 @@ class Config:
     provenance: dict
     # the trial's latency ratios to the baseline, timed interleaved with it (empty before schema 2)
     paired: dict = field(default_factory=dict)
+    layers: LayerPlan = NO_PLAN  # the layers kept out of quantization (none before schema 3)
 
 
 def _version(package: str) -> str | None:
@@ -100,6 +102,7 @@ def to_dict(rec: Recommendation, study: optuna.Study | StudyRecord, storage_url:
         **serving,
         "paired": {k: {f: v[f] for f in ("ratio", "low", "high", "rounds")}
                    for k, v in ((trial.result or {}).get("paired") or {}).items() if k in PAIRED},
+        "layers": LayerPlan.from_dict((trial.result or {}).get("layers")).to_dict(),
     }
 
 
@@ -169,8 +172,31 @@ def from_dict(data: object, where: str = "config") -> Config:
             value = pair[field_name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise AdvisorError(f"{where}: paired.{key}.{field_name} must be a positive number; got {value!r}")
+    layers = _layers(data.get("layers"), knobs, where)
     return Config(knobs=knobs, measured=measured, baseline=baseline, constraints=constraints,
-                  goal=goal, feasible=data["feasible"], provenance=dict(provenance), paired=dict(paired))
+                  goal=goal, feasible=data["feasible"], provenance=dict(provenance), paired=dict(paired),
+                  layers=layers)
+
+
+def _layers(section: object, knobs: Knobs, where: str) -> LayerPlan:
+    """The per-layer choice; a file whose knobs make one must hold it."""
+    per_layer = [f"{name} is {value}" for name, value, default in (
+        ("knobs.quant_protect", f"{knobs.quant_protect:g}", "0"), ("knobs.prune_alloc", knobs.prune_alloc, "uniform"))
+        if value != default]
+    if section is None:
+        if per_layer:
+            raise AdvisorError(f"{where}: {per_layer[0]} but the file has no layers section with the "
+                               f"per-layer choice; export it again with advisor export")
+        return NO_PLAN
+    _keys(section, ("protected", "prune_ratios"), f"{where}: layers", required=("protected", "prune_ratios"))
+    try:
+        plan = LayerPlan.from_dict(section)
+    except AdvisorError as exc:
+        raise AdvisorError(f"{where}: {exc}") from None
+    if knobs.prune_alloc == "sensitivity" and not plan.prune_ratios:
+        raise AdvisorError(f"{where}: knobs.prune_alloc is sensitivity but layers.prune_ratios is empty; "
+                           f"export it again with advisor export")
+    return plan
 
 
 def _keys(section: object, known: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> None:

@@ -91,7 +91,8 @@ def _not_qat(values: Mapping[str, Any]) -> bool:
 
 def _prune_cell(k: Knobs) -> str:
     ratio = k.prune_ratio
-    return f"{k.prune_kind} {ratio:g}" if k.prune_kind in pruning.RATIO_KINDS and ratio else str(k.prune_kind)
+    guided = " by-layer" if k.prune_alloc == "sensitivity" else ""
+    return f"{k.prune_kind} {ratio:g}{guided}" if k.prune_kind in pruning.RATIO_KINDS and ratio else str(k.prune_kind)
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -113,9 +114,19 @@ KNOBS: tuple[Knob, ...] = (
     Knob("prune_ratio", PruningConfig, "ratio", float, 0.0, lambda p: (pruning.RATIO_RANGE, []),
          sample="step", when=lambda v: v["prune_kind"] in pruning.RATIO_KINDS,
          limits=(0.0, pruning.MAX_RATIO)),
+    Knob("prune_alloc", PruningConfig, "alloc", str, "uniform", lambda p: pruning.alloc_options(p.hw, p.model, p.example, p.keep),
+         when=lambda v: v["prune_kind"] == "structured", original=False,
+         text=lambda k: "prune_alloc=sensitivity" if k.prune_alloc == "sensitivity" else "",
+         needs="not offered: structured pruning is not offered for this model"),
     Knob("quantization", QuantizationConfig, "mode", str, "none",
          lambda p: quantization.options(p.hw, p.model, p.example, p.lengths is not None),
-         column="quant", text=lambda k: f"quant={k.quantization}"),
+         column="quant", cell=lambda k: k.quantization + (f" p{k.quant_protect:g}" if k.quant_protect else ""),
+         text=lambda k: f"quant={k.quantization}"),
+    Knob("quant_protect", QuantizationConfig, "protect", float, 0.0,
+         lambda p: quantization.protect_options(p.model), sample="step",
+         when=lambda v: v["quantization"] in quantization.PER_LAYER, limits=(0.0, quantization.MAX_PROTECT),
+         original=False, text=lambda k: f"protect={k.quant_protect:g}" if k.quant_protect else "",
+         needs="not offered: the model has fewer than two layers the quantization modes quantize"),
     Knob("distill_alpha", DistillationConfig, "alpha", float, 0.0, lambda p: (distillation.ALPHA_RANGE, []),
          sample="step", limits=(0.0, 1.0), column="kd",
          cell=lambda k: k.config(DistillationConfig).label(" "),
@@ -143,6 +154,11 @@ KNOBS: tuple[Knob, ...] = (
 ASK_ORDER = ("quantization", "prune_kind", "max_tokens", "accumulation", "compile", "lr",
              "distill_alpha", "prune_ratio", "distill_temperature", "precision", "checkpoint_every",
              "serving_max_batch", "serving_max_wait_ms")
+
+# Knobs that refine another knob's choice (which layers it spares): a configuration to try
+# that does not name them keeps their default, so ``--try quantization=int8-static`` tries
+# whole-model int8, not a sampled refinement of it.
+REFINING = ("quant_protect", "prune_alloc")
 
 # Rules between techniques: each raises ValueError for values that cannot go together.
 RULES: tuple[Callable[[Mapping[str, Any]], None], ...] = (batching.check_knobs, quantization.check_knobs)

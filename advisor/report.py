@@ -133,6 +133,10 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     if rec:
         out.append("")
         out.append(render_recommendation(rec))
+    table_ = (baseline or {}).get("sensitivity")
+    if table_:
+        out.append("")
+        out.extend(sensitivity_lines(table_))
     if record.failed:
         out.append("")
         out.append("Failed trials:")
@@ -150,6 +154,50 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
         for e in record.excluded:
             out.append(f"  {e['knob']}={e['value']}: {e['reason']}")
     return "\n".join(out)
+
+
+SHOWN_LAYERS = 12  # rows of each sensitivity table the report prints (the dashboard draws all)
+
+
+def sensitivity_lines(sensitivity: dict) -> list[str]:
+    """The study's per-layer sensitivity (``trial/sensitivity.py``) as two ranked tables."""
+    out = [f"Per-layer sensitivity (measured once, with the baseline's weights, on {sensitivity['samples']} "
+           f"training samples; the loss's rise from {sensitivity['loss']:.4g} with that layer alone "
+           f"compressed; {sensitivity['seconds']:.1f} s):"]
+    rows = sensitivity["layers"]
+    families = sorted({f for row in rows for f in row["quant"]})
+    if rows:
+        ranked = sorted(rows, key=lambda row: max(row["quant"].values()), reverse=True)
+        cells = [[row["name"], row["kind"], str(row["params"]),
+                  f"{100 * row['time_share']:.0f}%" if row.get("time_share") is not None else "-",
+                  *(f"{row['quant'][f]:+.3g}" if f in row["quant"] else "-" for f in families)]
+                 for row in ranked[:SHOWN_LAYERS]]
+        names = ["int8-static/qat" if f == "pt2e" else f for f in families]
+        out.append(table(["layer", "kind", "params", "time", *names], cells, right=set(range(2, 4 + len(names)))))
+        if len(rows) > SHOWN_LAYERS:
+            out.append(f"  ... {len(rows) - SHOWN_LAYERS} more layers (advisor dashboard draws them all)")
+    units = (sensitivity.get("pruning") or {}).get("units") or []
+    if units:
+        shown = ("0.3", "0.5", "0.8")
+        ranked = sorted(units, key=lambda u: u["ratios"]["0.5"]["loss"], reverse=True)
+        cells = [[u["name"], u["kind"], *(f"{u['ratios'][r]['loss']:+.3g}" for r in shown),
+                  str(u["ratios"]["0.5"]["removed"])] for u in ranked[:SHOWN_LAYERS]]
+        out.append("Structured pruning units, pruned alone (loss rise at each ratio; parameters removed at 0.5):")
+        out.append(table(["unit", "kind", *shown, "removed at 0.5"], cells, right={2, 3, 4, 5}))
+    return out
+
+
+def layer_lines(result: dict, knobs: Knobs) -> list[str]:
+    """What a trial chose per layer (``techniques/layers.py``), if anything."""
+    plan = result.get("layers") or {}
+    out = []
+    if knobs.quant_protect:
+        kept = ", ".join(plan.get("protected") or []) or "none (no layer's quantization raised the loss enough)"
+        out.append(f"  kept out of {knobs.quantization} (quant_protect {knobs.quant_protect:g}): {kept}")
+    if plan.get("prune_ratios"):
+        ratios = ", ".join(f"{name} {r:g}" for name, r in plan["prune_ratios"].items())
+        out.append(f"  structured pruning by layer (prune_ratio {knobs.prune_ratio:g} spread by sensitivity): {ratios}")
+    return out
 
 
 def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> str:
@@ -173,6 +221,7 @@ def render_recommendation(rec: recommend.Recommendation, hint: bool = True) -> s
                 cells.append(f"{label} {value:.3g} {o.unit} ({r:.2f}x)" if r is not None
                              else f"{label} {value:.3g} {o.unit}")
     lines.append("  " + "   ".join(cells))
+    lines.extend(layer_lines(rec.result, knobs))
     confirmed = rec.confirmation
     if confirmed is not None:
         selection, held_out = confirmed["samples"]

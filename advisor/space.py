@@ -60,6 +60,14 @@ class Space:
         """This space with some knobs' values replaced (a benchmark's reduced grid)."""
         return Space({**self.values, **values}, self.excluded, self.blocks)
 
+    def as_stored(self, stored: Mapping | None) -> Space:
+        """This space without the later knobs a study's ``stored`` space (its ``to_dict``)
+        does not search: a study begun before a knob existed resumes without it."""
+        if stored is None:
+            return self
+        later = {k.name: () for k in table.table() if not k.original and k.name not in stored}
+        return self.narrowed(**later) if later else self
+
     def suggest(self, trial: optuna.Trial) -> Knobs:
         """A trial's knobs. Some are conditional: a knob that cannot matter is not sampled
         (the ratio of "none", the temperature of alpha 0) and qat-int8 fixes fp32 without
@@ -96,7 +104,8 @@ class Space:
         return found
 
     def check_values(self, values: dict) -> dict:
-        """Knob values a user asks to try, checked against this space."""
+        """Knob values a user asks to try, checked against this space; the refining knobs
+        (``knobs.REFINING``) they leave out are set to their defaults."""
         for name, value in values.items():
             if name not in table.names():
                 raise AdvisorError(f"unknown knob {name!r}; the knobs are {', '.join(table.names())}")
@@ -119,7 +128,11 @@ class Space:
             Knobs(**{k: float(v) if k in floats else v for k, v in values.items()})
         except (ValueError, TypeError) as exc:
             raise AdvisorError(str(exc)) from None
-        return dict(values)
+        given = {k.name: values.get(k.name, k.default) for k in table.table()}
+        refined = {name: table.row(name).default for name in table.REFINING
+                   if name not in values and self.offers(table.row(name))
+                   and (table.row(name).when is None or table.row(name).when(given))}
+        return {**values, **refined}
 
     def to_dict(self) -> dict:
         def stored(knob: Knob) -> list:

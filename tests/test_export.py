@@ -18,6 +18,7 @@ from advisor import api, export, objectives, recommend, ship
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
 from advisor.report import render_applied
+from advisor.techniques.layers import LayerPlan
 from advisor.trial import pipeline
 from conftest import FAST, cli
 from test_recommend import BASELINE, result
@@ -27,7 +28,9 @@ from workloads import MLP
 ALL_KNOBS = {"precision": "bf16", "accumulation": 4, "checkpoint_every": 2,
              "compile": "max-autotune-no-cudagraphs", "lr": 3e-4, "prune_kind": "structured",
              "prune_ratio": 0.3, "quantization": "int8-static", "distill_alpha": 0.7,
-             "distill_temperature": 2.5, "serving_max_batch": 16, "serving_max_wait_ms": 2.0}
+             "distill_temperature": 2.5, "serving_max_batch": 16, "serving_max_wait_ms": 2.0,
+             "quant_protect": 0.2}
+PROTECTED = ["blocks.0.0", "head"]  # the trial's per-layer choice under quant_protect 0.2
 
 
 def exported(tmp_path, knobs: dict = ALL_KNOBS) -> dict:
@@ -40,7 +43,8 @@ def exported(tmp_path, knobs: dict = ALL_KNOBS) -> dict:
              else FloatDistribution(v / 2, v * 2) for k, v in knobs.items()}
     study.add_trial(optuna.trial.create_trial(params=knobs, distributions=dists,
                                               values=objectives.values(metrics),
-                                              user_attrs={"result": result(metrics)}))
+                                              user_attrs={"result": {**result(metrics),
+                                                                     "layers": {"protected": PROTECTED}}}))
     rec = recommend.recommend(study, with_importance=False)
     return export.to_dict(rec, study, "sqlite:///studies/advisor.db")
 
@@ -49,19 +53,22 @@ def test_the_file_round_trips_every_knob(tmp_path):
     content = exported(tmp_path)
     path = export.write(content, tmp_path / "recommended.yaml")
     text = path.read_text()
-    assert text.startswith("# advisor recommendation (schema 2): trial #0 of study 's'")
+    assert text.startswith("# advisor recommendation (schema 3): trial #0 of study 's'")
     config = export.load_config(path)
     assert config.knobs == Knobs(**ALL_KNOBS)
     assert config.constraints.max_size_mb == 8.0 and config.goal == "balanced" and config.feasible
     assert config.measured["size_mib"] == 3.0 and config.baseline == BASELINE
     assert config.provenance["device_name"] == "test cpu" and config.provenance["trial"] == 0
     assert config.provenance["advisor"] == advisor.__version__
+    assert config.layers.protected == tuple(PROTECTED)
     # The trial's paired ratios travel with it; a schema-1 file (before them) still loads.
     pair = {"ratio": 0.45, "low": 0.43, "high": 0.47, "rounds": 40}
     config = export.load_config(export.write({**content, "paired": {"latency": pair}}, tmp_path / "p.yaml"))
     assert config.paired == {"latency": pair}
-    old = {k: v for k, v in content.items() if k != "paired"} | {"advisor_config": 1}
-    assert export.load_config(export.write(old, tmp_path / "old.yaml")).paired == {}
+    old = {k: v for k, v in content.items() if k not in ("paired", "layers")} | {"advisor_config": 1}
+    old["knobs"] = {k: v for k, v in old["knobs"].items() if k != "quant_protect"}
+    config = export.load_config(export.write(old, tmp_path / "old.yaml"))
+    assert config.paired == {} and not config.layers and config.knobs.quant_protect == 0
 
 
 def _set(path: tuple, value):
@@ -79,7 +86,7 @@ def _set(path: tuple, value):
 _DELETE = object()
 
 MALFORMED = [
-    (_set(("advisor_config",), 3), "has schema 3, newer than this advisor"),
+    (_set(("advisor_config",), 4), "has schema 4, newer than this advisor"),
     (_set(("advisor_config",), "one"), "advisor_config must be an integer schema version"),
     (_set(("knobz",), {}), "unknown key 'knobz'; the keys are advisor_config, goal"),
     (_set(("knobs", "pruning"), 0.5), r"knobs: unknown key 'pruning'; the keys are precision"),
@@ -95,6 +102,10 @@ MALFORMED = [
     (_set(("paired",), {"latency": {"ratio": "fast", "low": 0.4, "high": 0.5}}),
      "paired.latency.ratio must be a positive number; got 'fast'"),
     (_set(("paired",), {"p50": {}}), "paired: unknown key 'p50'; the keys are latency"),
+    (_set(("layers",), _DELETE), "knobs.quant_protect is 0.2 but the file has no layers section"),
+    (_set(("layers", "protected"), "head"), "layers.protected must be a list of layer names; got 'head'"),
+    (_set(("layers", "pruned"), {}), "layers: unknown key 'pruned'; the keys are protected, prune_ratios"),
+    (_set(("layers", "prune_ratios"), {"blocks.0": "half"}), "layers.prune_ratios must map layer names to ratios"),
 ]
 
 
@@ -142,14 +153,14 @@ def test_training_setup_gives_a_loop_the_training_knobs(tmp_path):
 # -- end to end: run, export, apply -----------------------------------------------------------------
 
 COMPRESSED = {"precision": "fp32", "accumulation": 1, "checkpoint_every": 0, "compile": "none",
-              "prune_kind": "structured", "prune_ratio": 0.5, "quantization": "int8-static",
-              "distill_alpha": 0.5, "distill_temperature": 2.0}
+              "prune_kind": "structured", "prune_ratio": 0.5, "prune_alloc": "sensitivity",
+              "quantization": "int8-static", "quant_protect": 0.5, "distill_alpha": 0.5, "distill_temperature": 2.0}
 
 
 def test_apply_reproduces_the_exported_trial(workdir, monkeypatch):
     # Four fine-tune steps lose accuracy; the test is about reproducing, not about the limit.
-    advisor.run("workloads:tiny_cnn", trials=1, progress=False, sampler="random", seed=0,
-                enqueue=[COMPRESSED], max_accuracy_drop=50.0, **FAST)
+    run = advisor.run("workloads:tiny_cnn", trials=1, progress=False, sampler="random", seed=0,
+                      enqueue=[COMPRESSED], max_accuracy_drop=50.0, **FAST)
     text, path = api.export(output="recommended.yaml")
     assert "Recommended (goal balanced): #0" in text
     refused = cli("apply", "recommended.yaml", "-o", "/proc/advisor/optimized.pt2")  # before any work
@@ -166,6 +177,12 @@ def test_apply_reproduces_the_exported_trial(workdir, monkeypatch):
     now, then = applied.result["metrics"], config.measured
     assert abs(now["accuracy"] - then["accuracy"]) <= 0.005, (now, then)
     assert now["size_mib"] == pytest.approx(then["size_mib"], rel=0.01)
+    # The per-layer choice travelled in the file and was rebuilt as it was, with no sensitivity
+    # table: each pruning unit's own ratio, and the same parameters left.
+    trial = optuna.load_study(study_name=run.study_name, storage=run.storage).trials[0].user_attrs["result"]
+    assert config.layers == LayerPlan.from_dict(trial["layers"]) and len(config.layers.prune_ratios) == 2
+    assert applied.result["layers"] == trial["layers"]
+    assert applied.result["compression"]["parameters_after"] == trial["compression"]["parameters_after"]
     # What ships is what the trial ran: its int8 program, with the recipe that compiles it as
     # the trial did (freezing, static shapes); its weights' bytes are the size objective.
     shipped = applied.shipped

@@ -70,7 +70,8 @@ def grid_space(full: space.Space, lr: float, grid: dict | None = None) -> space.
                              "prune_kind", "quantization")}
     return full.narrowed(lr=(lr, lr), prune_ratio=tuple(grid["prune_ratio"]),
                          distill_alpha=tuple(grid["distill_alpha"]),
-                         distill_temperature=tuple(grid["distill_temperature"]), **narrowed)
+                         distill_temperature=tuple(grid["distill_temperature"]),
+                         quant_protect=(), prune_alloc=(), **narrowed)  # the table predates per-layer knobs
 
 
 def key(knobs: dict) -> str:

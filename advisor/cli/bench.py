@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from advisor import bench
+from advisor.bench import layers as layers_bench
 from advisor.bench import live, search, stopping
 from advisor.bench import noise as noise_bench
 from advisor.bench import varlen as varlen_bench
@@ -18,7 +19,7 @@ from advisor.report import Progress
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency, "
-                       "early stopping, token-budget batching, the zoo, latency under noise",
+                       "early stopping, token-budget batching, the zoo, latency under noise, per-layer compression",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "
@@ -121,6 +122,22 @@ def register(sub) -> None:
     z.add_argument("--json", default="studies/bench-zoo.json", metavar="PATH",
                    help="where to write the JSON (default studies/bench-zoo.json)")
     z.set_defaults(handler=zoo)
+    y = which.add_parser("layers", help="whole-model against per-layer (sensitivity-guided) quantization "
+                         "and structured pruning",
+                         description="Each pair (int8-static and qat-int8 whole against quant_protect "
+                                     f"{layers_bench.PROTECT:g}; structured pruning uniform against "
+                                     "prune_alloc sensitivity at ratios "
+                                     f"{', '.join(f'{r:g}' for r in layers_bench.STRUCTURED)}) as two trials, "
+                                     "in one study per seed.")
+    y.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
+    y.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    y.add_argument("--seeds", type=int, default=3, help="studies, one per --seed (default 3)")
+    y.add_argument("--trial-steps", type=int, metavar="N", help="fine-tune steps per trial")
+    y.add_argument("--dir", metavar="PATH", help="keep the studies here (default: a temporary directory)")
+    y.add_argument("--trial-timeout", type=float, default=900.0, metavar="SECONDS")
+    y.add_argument("--json", default="studies/bench-layers.json", metavar="PATH",
+                   help="where to write the JSON (default studies/bench-layers.json)")
+    y.set_defaults(handler=layers)
     n = which.add_parser("noise", help="latency ratios of the same configurations on a quiet machine and "
                          "beside busy processes, paired and unpaired",
                          description="Three configurations (the baseline's knobs, int8-static, structured "
@@ -172,6 +189,18 @@ def noise(args: argparse.Namespace) -> int:
     report = noise_bench.noise(args.model, args.device, repeats=args.repeats, load_processes=args.load,
                                trial_timeout=args.trial_timeout, progress=Progress, **settings)
     print(noise_bench.render(report))
+    _write(args.json, report)
+    return 0
+
+
+def layers(args: argparse.Namespace) -> int:
+    for flag, value in (("--seeds", args.seeds), ("--trial-steps", args.trial_steps)):
+        if value is not None and value < 1:
+            raise AdvisorError(f"{flag} must be a positive integer; got {value}")
+    settings = {"trial_steps": args.trial_steps} if args.trial_steps is not None else {}
+    report = layers_bench.layers(args.model, args.device, seeds=args.seeds, study_dir=args.dir,
+                                 trial_timeout=args.trial_timeout, progress=Progress, **settings)
+    print(layers_bench.render(report))
     _write(args.json, report)
     return 0
 

@@ -33,6 +33,7 @@ def panels(study: optuna.Study | StudyRecord, constraints: Constraints | None = 
         "table": panel_data.table(record, judged),
         "breakdown": panel_data.breakdown(rec),
         "context": panel_data.context(record, judged),
+        "sensitivity": panel_data.sensitivity(record, rec),
     }, rec
 
 

@@ -80,6 +80,17 @@ class Breakdown:
 
 
 @dataclass
+class Sensitivity:
+    """The study's per-layer sensitivity and the recommended trial's per-layer choice."""
+
+    layers: list[dict] = field(default_factory=list)  # name, params, time_share, quant: family -> rise
+    units: list[dict] = field(default_factory=list)  # name, ratios: [..], rises: [..]
+    chosen: dict = field(default_factory=dict)  # the recommended trial's LayerPlan, as stored
+    number: int | None = None
+    empty: str = ""
+
+
+@dataclass
 class Context:
     study: str
     hardware: dict
@@ -170,3 +181,16 @@ def context(record: StudyRecord, judged: Front) -> Context:
     return Context(study=record.name, hardware=record.hardware, settings=record.settings,
                    constraints=judged.constraints.describe(), excluded=record.excluded,
                    workload=record.workload)
+
+
+def sensitivity(record: StudyRecord, rec: Recommendation | None) -> Sensitivity:
+    table = (record.baseline or {}).get("sensitivity")
+    if not table:
+        return Sensitivity(empty="the study measured no per-layer sensitivity (its space searches no "
+                                 "per-layer choice, or it began before them)")
+    units = [{"name": u["name"], "ratios": [float(r) for r in u["ratios"]],
+              "rises": [at["loss"] for at in u["ratios"].values()]}
+             for u in (table.get("pruning") or {}).get("units", [])]
+    return Sensitivity(layers=list(table["layers"]), units=units,
+                       chosen=dict((rec.result.get("layers") or {}) if rec else {}),
+                       number=rec.number if rec else None)

@@ -125,6 +125,33 @@ def breakdown(b: panel.Breakdown) -> go.Figure:
     return fig
 
 
+def sensitivity(sens: panel.Sensitivity) -> go.Figure:
+    """Loss rise per layer per quantization family (protected layers marked), and each
+    structured pruning unit's loss rise against its ratio (the chosen ratio marked)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
+                        subplot_titles=("quantized alone: loss rise", "pruned alone: loss rise by ratio"))
+    kept = set(sens.chosen.get("protected") or [])
+    names = [f"{row['name']}{' (kept)' if row['name'] in kept else ''}" for row in sens.layers]
+    for family in sorted({f for row in sens.layers for f in row["quant"]}):
+        fig.add_trace(go.Bar(name="int8-static/qat" if family == "pt2e" else family, orientation="h", y=names,
+                             x=[row["quant"].get(family) for row in sens.layers],
+                             hovertext=[f"{row['params']} parameters, {100 * (row.get('time_share') or 0):.0f}% "
+                                        f"of the forward time" for row in sens.layers]), 1, 1)
+    chosen = sens.chosen.get("prune_ratios") or {}
+    for unit in sens.units:
+        fig.add_trace(go.Scatter(name=unit["name"], x=unit["ratios"], y=unit["rises"], mode="lines+markers"), 1, 2)
+        if unit["name"] in chosen and chosen[unit["name"]] in unit["ratios"]:
+            at = unit["ratios"].index(chosen[unit["name"]])
+            fig.add_trace(go.Scatter(x=[unit["ratios"][at]], y=[unit["rises"][at]], mode="markers",
+                                     marker={"size": 14, "symbol": "star"}, showlegend=False,
+                                     hovertext=f"#{sens.number}: {unit['name']} at {unit['ratios'][at]:g}"), 1, 2)
+    fig.update_layout(height=max(360, 22 * len(sens.layers)), barmode="group", margin={"t": 40})
+    fig.update_xaxes(title_text="pruning ratio of the unit", row=1, col=2)
+    return fig
+
+
 def _figure(fig: go.Figure, div_id: str) -> str:
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id, config=_CONFIG)
 
@@ -266,6 +293,12 @@ def page(panels: dict, recommendation_text: str) -> str:
     section(f"Recommended trial #{b.number}: where time and memory went" if b.number is not None
             else "Recommended trial", _empty(b.empty) if b.empty
             else _figure(breakdown(b), "breakdown") + _operators(b.operators), "breakdown-panel")
+    sens: panel.Sensitivity = panels["sensitivity"]
+    mark = (f"<p>Marked: what the recommended trial #{sens.number} chose (kept layers; a star at each "
+            f"unit's ratio).</p>") if sens.chosen else ""
+    section("Per-layer sensitivity (measured once, with the baseline's weights)",
+            _empty(sens.empty) if sens.empty else mark + _figure(sensitivity(sens), "sensitivity"),
+            "sensitivity-panel")
     section("All trials (click a column to sort)",
             _trials_table(panels["table"], trials.serving is not None) if panels["table"]
             else _empty("no trial yet"), "table-panel")

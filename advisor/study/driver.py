@@ -4,7 +4,8 @@
    machine (``trial/cache.py``);
 2. create or resume the Optuna study (``open.py``: directions from the objectives table,
    the workload, the measurement settings, the hardware and the search space recorded);
-3. measure the baseline once per study (``baseline.py``);
+3. measure the baseline once per study (``baseline.py``), and with it each layer's
+   sensitivity where the space searches per-layer choices (``trial/sensitivity.py``);
 4. hand the trial loop to ``loop.py``: ask the sampler for knobs, run each trial in its own
    process, tell the study the measured objectives, or a failure with its reason.
 """
@@ -15,12 +16,14 @@ import os
 import time
 from dataclasses import replace
 
-from advisor import hardware, space
+from advisor import hardware, knobs, space
 from advisor.study import loop, record, rungs, storage
 from advisor.study.baseline import ensure_baseline
 from advisor.study.loop import Events, RunResult
 from advisor.study.open import open_study
 from advisor.study.options import RunOptions, check
+from advisor.techniques import quantization
+from advisor.trial import sensitivity
 from advisor.trial.cache import StudyCache
 from advisor.trial.runner import TrialRunner
 from advisor.trial.spec import Settings, TrialSpec
@@ -58,9 +61,10 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
                                   options.trial_memory_mb)
         clock = time.perf_counter()
         with cache.lock():
-            baseline = ensure_baseline(study, rdb, workload, spec, runner, options.trial_timeout, events,
-                                       worker_slots[0])
+            baseline = ensure_baseline(study, rdb, workload, replace(spec, per_layer=per_layer_modes(search)),
+                                       runner, options.trial_timeout, events, worker_slots[0])
         setup["baseline_s"] = time.perf_counter() - clock
+    spec = replace(spec, sensitivity=baseline.get("sensitivity"))
     result = RunResult(study_name=study_name, storage=options.storage, baseline=baseline,
                        completed=0, failed=0, setup_s=setup)
     if options.early_stop:
@@ -73,6 +77,16 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
         result.loop_s = time.perf_counter() - began
         result.front = [t.number for t in record.StudyRecord.of(study).front(constraints).front]
     return result
+
+
+def per_layer_modes(search: space.Space) -> tuple[str, ...]:
+    """What the baseline measures the layers' sensitivity for: the quantization modes, one
+    per family among those offered, where the space searches per-layer protection, and
+    structured pruning's units where it searches their allocation."""
+    modes = sensitivity.families(search.quantization) if search.offers(knobs.row(quantization.PROTECT_KNOB)) else ()
+    if search.offers(knobs.row("prune_alloc")):
+        modes += (sensitivity.STRUCTURED,)
+    return modes
 
 
 def preload_modules(workload: Workload, ref: WorkloadRef) -> list[str]:

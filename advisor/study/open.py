@@ -61,6 +61,8 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
     settings = resolve_settings(options, stored and stored.settings, batch_size, study_name)
     constraints = resolve_constraints(options, stored and stored.constraints, study_name)
     search = build_space(settings)
+    if stored:
+        search = search.as_stored(stored.space)
     queued = [search.check_values(values) for values in options.enqueue]
     if stored:
         check_resume(study_name, stored, info, hardware.fingerprint(hw, options.threads), search.to_dict())

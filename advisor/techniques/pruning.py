@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ from advisor.workload import Inputs, call_model, logits_of
 
 KNOB = "prune_kind"
 KINDS = ("none", "unstructured", "structured", "2:4")
+ALLOCS = ("uniform", "sensitivity")  # how a structured ratio is spread over the layers (techniques/layers.py)
 MAX_RATIO = 0.8
+MAX_UNIT_RATIO = 0.9  # one unit's ratio when a global ratio is spread by sensitivity (layers.py)
 RATIO_KINDS = ("unstructured", "structured")  # the kinds that take a ratio
 RATIO_RANGE = (0.1, MAX_RATIO, 0.1)  # (low, high, step) the space samples
 PROBE_RATIO = 0.5
@@ -49,10 +52,16 @@ class PruningFailed(AdvisorError):
 class PruningConfig:
     kind: str = "none"
     ratio: float = 0.0  # fraction of channels (structured) or weights (unstructured) removed
+    alloc: str = "uniform"  # structured: the same ratio everywhere, or per unit by sensitivity
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise unknown(KNOB, self.kind, KINDS)
+        if self.alloc not in ALLOCS:
+            raise unknown("prune_alloc", self.alloc, ALLOCS)
+        if self.alloc != "uniform" and self.kind != "structured":
+            raise ValueError(f"prune_alloc spreads a structured pruning ratio over the layers; prune_kind "
+                             f"{self.kind!r} takes prune_alloc 'uniform'")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
                 or not 0.0 <= self.ratio <= MAX_RATIO:
             raise ValueError(f"prune_ratio must be a number from 0 to {MAX_RATIO}; got {self.ratio!r}")
@@ -97,14 +106,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[str, ...] = ()) -> dict:
-    """Prune ``model`` in place; returns the parameter counts before and after.
+def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[str, ...] = (),
+          ratios: Mapping[str, float] | None = None) -> dict:
+    """Prune ``model`` in place; returns the parameter counts before and after. ``ratios``
+    (structured only): a ratio per unit (``units``), by name, in place of ``config.ratio``.
 
     Raises :class:`PruningFailed` with the library's reason when it cannot prune the model
     or the pruned model no longer produces outputs of the same shape.
     """
     before = count_parameters(model)
-    if not config.active:
+    if not (config.active or (config.kind == "structured" and ratios)):
         return {"parameters_before": before, "parameters_after": before}
     kept = kept_layers(model, keep)
     was_training = model.training
@@ -115,7 +126,7 @@ def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[
             expected = logits_of(call_model(model, example)).shape
         details = {}
         if config.kind == "structured":
-            details = _structured(model, config.ratio, example, ignored)
+            details = _structured(model, config.ratio, example, ignored, ratios or {})
         elif config.kind == "unstructured":
             _unstructured(model, config.ratio, ignored)
         else:
@@ -137,26 +148,66 @@ def apply(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[
     return {"parameters_before": before, "parameters_after": count_parameters(model), **details}
 
 
-def _structured(model: nn.Module, ratio: float, example: Inputs, ignored: list[nn.Module]) -> dict:
+def _structured(model: nn.Module, ratio: float, example: Inputs, ignored: list[nn.Module],
+                ratios: Mapping[str, float]) -> dict:
     """Whole attention heads first (``heads.py``), then Torch-Pruning's channels everywhere
     else. Attention projections are left to the first step, and with them the model width
     (the residual stream every block adds to): the MLPs' hidden channels, convolutions'
-    channels and other layers' outputs are what Torch-Pruning removes."""
+    channels and other layers' outputs are what Torch-Pruning removes. A unit ``ratios``
+    names takes its own ratio (Torch-Pruning's ``pruning_ratio_dict`` for channel groups)."""
     import torch_pruning as tp
 
     attention = heads.find(model)
     before = sum(a.heads for a in attention if not a.skipped)
-    removed = sum(heads.prune(a, ratio) for a in attention)
-    whole = [p for a in attention for p in a.projections]
-    whole += [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    removed = sum(heads.prune(a, ratios.get(a.name, ratio)) for a in attention)
+    whole = _whole(model, attention)
+    modules = dict(model.named_modules())
+    by_layer = {modules[name]: r for name, r in ratios.items()
+                if name in modules and not any(a.name == name for a in attention)}
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=ratio, ignored_layers=ignored + whole,
+        pruning_ratio=ratio, pruning_ratio_dict=by_layer or None, ignored_layers=ignored + whole,
         forward_fn=lambda m, x: logits_of(call_model(m, x)))
     pruner.step()
     skipped = sorted({a.skipped for a in attention if a.skipped})
     return {"heads_before": before, "heads_after": before - removed,
             **({"heads_kept_whole": skipped} if skipped else {})}
+
+
+def removed(model: nn.Module, example: Inputs, keep: tuple[str, ...], ratios: Mapping[str, float]) -> int:
+    """The parameters structured pruning with a ratio per unit removes, found on a copy."""
+    copied = copy.deepcopy(model)
+    info = apply(copied, PruningConfig("structured", 0.0), example, keep, ratios=ratios)
+    return info["parameters_before"] - info["parameters_after"]
+
+
+def _whole(model: nn.Module, attention: list[heads.Attention]) -> list[nn.Module]:
+    """The layers Torch-Pruning leaves whole: attention projections (heads go whole instead)."""
+    whole = [p for a in attention for p in a.projections]
+    return whole + [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def units(model: nn.Module, example: Inputs, keep: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """What structured pruning removes channels from, as ``(name, kind)``: each attention
+    module whose heads can go (``"heads"``) and each Torch-Pruning channel group other than
+    the output's and the kept layers', named by its root layer (``"channels"``). A ratio per
+    unit, by these names, is what ``apply``'s ``ratios`` takes."""
+    import torch_pruning as tp
+
+    model.eval()
+    attention = heads.find(model)
+    found = [(a.name, "heads") for a in attention if not a.skipped and a.heads > 1]
+    ignored = output_layers(model, example) + kept_layers(model, keep) + _whole(model, attention)
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, forward_fn=lambda m, x: logits_of(call_model(m, x)),
+        ignored_params=[])
+    names = {id(m): n for n, m in model.named_modules()}
+    skip = {id(m) for layer in ignored for m in layer.modules()}
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_PRUNABLE)):
+        root = group[0].dep.target.module
+        if id(root) in names and id(root) not in skip:
+            found.append((names[id(root)], "channels"))
+    return found
 
 
 def _targets(model: nn.Module, ignored: list[nn.Module], kinds=_PRUNABLE) -> list[tuple[nn.Module, str]]:
@@ -253,6 +304,19 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
         else:
             offered.append("2:4")
     return offered, excluded
+
+
+def alloc_options(hw: Hardware, model: nn.Module, example: Inputs,
+                  keep: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list[Exclusion]]:
+    """How a structured ratio may be spread: by sensitivity where structured pruning is
+    offered and the model has two or more units to spread it over."""
+    if _probe(model, PruningConfig("structured", PROBE_RATIO), example, keep):
+        return ("uniform",), []
+    count = len(units(copy.deepcopy(model).cpu(), example, keep))
+    if count < 2:
+        return ("uniform",), [Exclusion("prune_alloc", "sensitivity", f"spreading a pruning ratio by "
+                                        f"sensitivity needs two or more prunable units; the model has {count}")]
+    return ALLOCS, []
 
 
 def _probe(model: nn.Module, config: PruningConfig, example: Inputs, keep: tuple[str, ...]) -> str:

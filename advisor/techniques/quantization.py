@@ -13,6 +13,12 @@
 - ``qat-int8``: the same quantizer's fake quantization is inserted before the fine-tune,
   which then trains through it; the trained graph is converted like ``int8-static``.
 
+``protect`` keeps the layers most sensitive to the mode in the baseline's precision: the
+study measures each layer's sensitivity once (``trial/sensitivity.py``) and
+``techniques/layers.py`` picks the layers, by loss per parameter, within a budget of
+``protect`` of the quantizable parameters. PT2E leaves them out through the quantizer's
+per-module config, torchao through ``quantize_``'s filter.
+
 Both PT2E modes capture the model with ``techniques/capture.py`` (models whose outputs
 ``torch.export`` refuses go through their logits; variable-length batches get a dynamic
 sequence dimension).
@@ -37,7 +43,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from advisor.errors import first_line
 from advisor.hardware import Hardware
-from advisor.techniques import Exclusion, capture, unknown
+from advisor.techniques import ANY, Exclusion, capture, unknown
 from advisor.techniques.precision import HALF_DTYPES
 from advisor.workload import Inputs, call_model
 
@@ -46,15 +52,31 @@ MODES = ("none", "bf16", "fp16", "int8-dynamic", "int8-weight-only", "int8-stati
          "int4-weight-only", "float8")
 TORCHAO = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "float8")
 PT2E = ("int8-static", "qat-int8")
+PER_LAYER = ("int8-dynamic", "int8-weight-only", "int8-static", "qat-int8", "int4-weight-only", "float8")
+PROTECT_KNOB = "quant_protect"
+MAX_PROTECT = 0.5
+PROTECT_RANGE = (0.0, MAX_PROTECT, 0.1)  # (low, high, step) the space samples
 
 
 @dataclass(frozen=True)
 class QuantizationConfig:
     mode: str = "none"
+    protect: float = 0.0  # share of the quantizable parameters the most sensitive layers may keep
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise unknown(KNOB, self.mode, MODES)
+        if isinstance(self.protect, bool) or not isinstance(self.protect, (int, float)) \
+                or not 0.0 <= self.protect <= MAX_PROTECT:
+            raise ValueError(f"{PROTECT_KNOB} must be a number from 0 to {MAX_PROTECT}; got {self.protect!r}")
+        if self.protect and self.mode not in PER_LAYER:
+            raise ValueError(f"{PROTECT_KNOB} keeps layers out of int8, int4 or float8 quantization; "
+                             f"quantization {self.mode!r} takes {PROTECT_KNOB} 0")
+
+    @property
+    def family(self) -> str:
+        """The layers' sensitivity measured for this mode: PT2E's two modes share one."""
+        return "pt2e" if self.mode in PT2E else self.mode
 
     @property
     def pt2e(self) -> bool:
@@ -90,20 +112,28 @@ def check_knobs(values) -> None:
 
 # -- PT2E ---------------------------------------------------------------------------------
 
-def _x86_quantizer(qat: bool):
+def _x86_quantizer(qat: bool, protected: Iterable[str] = ()):
+    """The x86 inductor quantizer, leaving the ``protected`` modules (by name) in fp32."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    return xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+    for name in protected:
+        # A model captured through capture.Logits holds the workload's model as ``inner``.
+        for prefix in ("", "inner."):
+            quantizer.set_module_name_qconfig(prefix + name, None)
+    return quantizer
 
 
-def prepare_qat(model: nn.Module, example: Inputs, lengths: bool = False) -> nn.Module:
-    """The model with fake quantization inserted, to fine-tune in place of ``model``;
-    ``lengths``: the fine-tune's batches vary in length (a token budget trims them)."""
+def prepare_qat(model: nn.Module, example: Inputs, lengths: bool = False,
+                protected: Iterable[str] = ()) -> nn.Module:
+    """The model with fake quantization inserted (but for the ``protected`` layers), to
+    fine-tune in place of ``model``; ``lengths``: the fine-tune's batches vary in length (a
+    token budget trims them)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     model.train()
     captured = capture.export(model, example, lengths)
-    prepared = prepare_qat_pt2e(capture.graph_of(captured), _x86_quantizer(qat=True))
+    prepared = prepare_qat_pt2e(capture.graph_of(captured), _x86_quantizer(qat=True, protected=protected))
     # .train()/.eval() then switch the traced graph's batch norm and dropout, as the
     # trainer and measurements expect of any module.
     capture.allow_train_eval(prepared)
@@ -116,8 +146,12 @@ def prepare_qat(model: nn.Module, example: Inputs, lengths: bool = False) -> nn.
 
 
 def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
-             calibration: Iterable[Inputs] = ()) -> nn.Module:
-    """The deployable quantized model (``model`` itself may be changed or reused)."""
+             calibration: Iterable[Inputs] = (), protected: Iterable[str] = (),
+             graph: bool = False) -> nn.Module:
+    """The deployable quantized model (``model`` itself may be changed or reused), with the
+    ``protected`` layers (by name) left as they are; ``graph``: for a PT2E mode, ``model``
+    is already ``capture.export``'s graph of the model."""
+    protected = frozenset(protected)
     model.eval()
     mode = config.mode
     if mode == "none":
@@ -130,16 +164,17 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
         if mode in ("int4-weight-only", "float8"):
             model = model.to(torch.bfloat16)
         tied = tied_parameters(model)
-        quantize_(model, _torchao_config(mode), filter_fn=lambda m, _fqn: _quantizable(m, tied))
+        quantize_(model, _torchao_config(mode),
+                  filter_fn=lambda m, fqn: _quantizable(m, tied) and fqn not in protected)
         return model
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # qat-int8: prepare_qat traced the model before the fine-tune, which trained it.
-    captured = model if config.qat else capture.export(model, example)
+    captured = model if config.qat or graph else capture.export(model, example)
     prepared = capture.graph_of(captured)
     if not config.qat:
-        prepared = prepare_pt2e(prepared, _x86_quantizer(qat=False))
+        prepared = prepare_pt2e(prepared, _x86_quantizer(qat=False, protected=protected))
     move_exported_model_to_eval(prepared)
     if config.calibrated:
         with torch.no_grad():
@@ -148,6 +183,17 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
     converted = convert_pt2e(prepared)
     drop_unused_tensors(converted)
     return capture.rewrap(converted, captured)
+
+
+def layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
+    """The names of the layers ``config``'s mode quantizes: the ones ``protect`` may keep."""
+    if config.mode in PT2E:
+        kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d)  # what the x86 quantizer annotates
+        return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    if config.mode in TORCHAO:
+        tied = tied_parameters(model)
+        return [n for n, m in model.named_modules() if _quantizable(m, tied)]
+    return []
 
 
 def _quantizable(module: nn.Module, tied: set[int]) -> bool:
@@ -248,6 +294,15 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
          f"needs compute capability 8.9+; this GPU has {capability[0]}.{capability[1]}"
          if capability < (8, 9) else no_linear)
     return offered, excluded
+
+
+def protect_options(model: nn.Module) -> tuple[tuple, list[Exclusion]]:
+    """The ``quant_protect`` range, where the model has two or more layers to choose from."""
+    count = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+    if count < 2:
+        return (), [Exclusion(PROTECT_KNOB, ANY, f"keeping sensitive layers out of quantization needs two "
+                                                 f"or more Linear or Conv2d layers; the model has {count}")]
+    return PROTECT_RANGE, []
 
 
 def _torchao_failure(model: nn.Module, example: Inputs, mode: str) -> str:

@@ -22,25 +22,28 @@ from advisor.techniques import checkpointing, pruning, quantization
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.batching import BatchingConfig
 from advisor.techniques.compile import CompileConfig
+from advisor.techniques.layers import NO_PLAN, LayerPlan
 from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
 from advisor.workload import Inputs
 
 
-def student(model: nn.Module, knobs: Knobs, example: Inputs,
-            keep: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
-    """Prune ``model`` in place and, for QAT, trace it with fake quantization.
+def student(model: nn.Module, knobs: Knobs, example: Inputs, keep: tuple[str, ...] = (),
+            plan: LayerPlan = NO_PLAN) -> tuple[nn.Module, dict]:
+    """Prune ``model`` in place and, for QAT, trace it with fake quantization (but for the
+    layers ``plan`` protects).
 
     Returns the model to fine-tune and what pruning did (parameter counts).
     """
     prune_cfg = knobs.config(PruningConfig)
-    info = pruning.apply(model, prune_cfg, example, keep)
+    info = pruning.apply(model, prune_cfg, example, keep, ratios=dict(plan.prune_ratios))
     if knobs.config(QuantizationConfig).qat:
         # A mask traced into the QAT graph would leave its weights non-constant, which
         # inductor cannot freeze into int8 kernels: the zeros are made permanent first
         # (the fine-tune may then move some of them; the result reports the sparsity left).
         pruning.finalize(model, prune_cfg)
-        return quantization.prepare_qat(model, example, knobs.config(BatchingConfig).enabled), info
+        return quantization.prepare_qat(model, example, knobs.config(BatchingConfig).enabled,
+                                        protected=plan.protected), info
     return model, info
 
 
@@ -70,8 +73,9 @@ class CastInputs(nn.Module):
 
 
 def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
-               calibration: Iterable[Inputs] = ()) -> Deployable:
-    """The model to ship, built from a copy of the fine-tuned ``trained`` model."""
+               calibration: Iterable[Inputs] = (), plan: LayerPlan = NO_PLAN) -> Deployable:
+    """The model to ship, built from a copy of the fine-tuned ``trained`` model; the layers
+    ``plan`` protects keep their precision."""
     model = pruning.clone(trained)
     checkpointing.remove(model)
     prune_cfg = knobs.config(PruningConfig)
@@ -79,7 +83,7 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     sparsity = pruning.sparsity(model) if prune_cfg.kind == "unstructured" else None
     config = knobs.config(QuantizationConfig)
     layers = quantization.linear_bytes(model) if config.mode in quantization.TORCHAO else {}
-    model = quantization.quantize(model, config, example, calibration)
+    model = quantization.quantize(model, config, example, calibration, protected=plan.protected)
     if layers:
         # What the layers torchao quantized store now, against what they stored before.
         after = quantization.linear_bytes(model)
@@ -104,7 +108,7 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     if config.input_dtype is not None:
         run = CastInputs(run, config.input_dtype)
     info = {"compile": mode, "freezing": mode != "none", "quantization": config.mode,
-            "sparsity": sparsity, **layers}
+            "sparsity": sparsity, **layers, **({"protected": list(plan.protected)} if plan else {})}
     return Deployable(module=model, run=run, autocast=config.mode == "none", info=info,
                       input_dtype=config.input_dtype)
 

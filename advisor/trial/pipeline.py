@@ -18,15 +18,16 @@ import torch
 
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
-from advisor.techniques import checkpointing, distillation, precision
+from advisor.techniques import checkpointing, distillation, layers, precision, pruning
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.batcher import BatcherConfig
 from advisor.techniques.checkpointing import CheckpointConfig
 from advisor.techniques.compile import CompileConfig
 from advisor.techniques.distillation import DistillationConfig
 from advisor.techniques.precision import PrecisionConfig
+from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
-from advisor.trial import compress, measure, profile, served
+from advisor.trial import compress, measure, profile, sensitivity, served
 from advisor.trial.cache import StudyCache
 from advisor.trial.mapped import MappedSplit
 from advisor.trial.measure import MIB, MemoryMeter
@@ -100,15 +101,18 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
 
     # The fixed order of trial/compress.py: prune -> fine-tune -> quantize -> compile -> measure.
     phase("prune")
+    plan = spec.layers if spec.layers is not None else layers.plan(
+        knobs.config(QuantizationConfig), knobs.config(PruningConfig), spec.sensitivity,
+        removes=lambda ratios: pruning.removed(model, example, spec.keep, ratios))
     teacher = distillation.teacher(model, knobs.config(DistillationConfig))  # the baseline, before compression
-    student, pruned = compress.student(model, knobs, example, spec.keep)
+    student, pruned = compress.student(model, knobs, example, spec.keep, plan)
     calibrated = knobs.config(QuantizationConfig).calibrated
 
     def build() -> tuple[compress.Deployable, float]:
         phase("quantize")
         began = time.perf_counter()
         calibration = calibration_batches(train, settings.latency_batch, device) if calibrated else []
-        return compress.deployable(student, knobs, example, calibration), time.perf_counter() - began
+        return compress.deployable(student, knobs, example, calibration, plan), time.perf_counter() - began
 
     def timed(deploy: compress.Deployable) -> Timed:
         # The baseline's model, loaded only to be timed beside this one (not held through the fine-tune).
@@ -222,6 +226,8 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
         "size_bytes": size,
         "compression": {**pruned, **deploy.info, "quantize_s": quantize_s},
         **({"rungs": points} if points else {}),
+        **({"layers": plan.to_dict()} if plan else {}),
+        **({"sensitivity": measure_sensitivity(spec, device, phase)} if spec.per_layer else {}),
         "checkpointed_blocks": wrapped,
         "process_peak_mib": meter.process_peak() / MIB,
         "profile": {"train": train_ops, "inference": infer_ops},
@@ -329,6 +335,16 @@ def paired_latency(infer, reference: torch.nn.Module, batch, one, device: torch.
     return {"latency": measure.time_paired(infer, base, device, budget_s=budget_s).to_dict(),
             "latency_batch1": measure.time_paired(lambda: infer(one), lambda: base(one), device,
                                                   budget_s=budget_s / 2).to_dict()}
+
+
+def measure_sensitivity(spec: TrialSpec, device: torch.device, phase) -> dict:
+    """The study's per-layer sensitivity table (``trial/sensitivity.py``), on the baseline's
+    weights as trials start from them; the baseline's run measures it last."""
+    phase("sensitivity")
+    model = reference_model(spec.cache, spec.ref, device).requires_grad_(True)  # Torch-Pruning skips frozen layers
+    _, loss, _ = spec.cache.load_workload(spec.ref)
+    return sensitivity.measure(model, loss, spec.cache.split("train"), spec.per_layer, device,
+                               spec.settings.latency_batch, keep=spec.keep)
 
 
 def calibration_batches(train: MappedSplit, batch: int, device: torch.device,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
+from advisor.techniques.layers import LayerPlan
 from advisor.trial.cache import StudyCache
 from advisor.workload import Workload, WorkloadRef
 
@@ -92,6 +93,12 @@ class TrialSpec:
     cpus: tuple[int, ...] = ()  # with --workers: the cores this trial's process may run on
     lengths: str | int | None = None  # Workload.lengths: the input holding the attention mask
     rungs: tuple[int, ...] = ()  # fine-tune steps where the study may stop it (study/rungs.py)
+    # Per-layer choices (techniques/layers.py): the baseline measures the sensitivity of the
+    # layers of ``per_layer``'s quantization modes; trials choose from that ``sensitivity``
+    # table, unless ``layers`` gives the choice itself (advisor apply).
+    per_layer: tuple[str, ...] = ()
+    sensitivity: dict | None = None
+    layers: LayerPlan | None = None
 
     @classmethod
     def template(cls, workload: Workload, ref: WorkloadRef, cache: StudyCache, settings: Settings,

@@ -1,0 +1,219 @@
+"""Per-layer choices: the sensitivity table finds planted layers, the plans spare them, and
+the deployable model really keeps what the plan says."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from advisor import knobs as table
+from advisor.errors import AdvisorError
+from advisor.knobs import Knobs
+from advisor.techniques import layers, pruning, quantization
+from advisor.techniques.layers import LayerPlan
+from advisor.techniques.pruning import PruningConfig
+from advisor.techniques.quantization import QuantizationConfig
+from advisor.trial import compress, sensitivity
+from advisor.workload import TokenLoss
+from test_search_bench import FULL as BEFORE
+
+FULL = BEFORE.narrowed(quant_protect=quantization.PROTECT_RANGE, prune_alloc=pruning.ALLOCS)
+
+
+class Split:
+    """A training split as the sensitivity measurement reads one: ``len`` and ``batch``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx):
+        idx = torch.as_tensor(idx)
+        return self.x[idx], self.y[idx]
+
+
+class Three(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, hidden), nn.Linear(hidden, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def labelled(model: nn.Module, n: int = 256) -> Split:
+    """Inputs with the model's own fp32 predictions as targets: any change of its outputs costs."""
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return Split(x, model(x).argmax(-1))
+
+
+def quantization_planted() -> Three:
+    """``fc2`` reads a feature that is always 0 through a weight of 100 in every row: per-channel
+    int8 then rounds its other weights (about 0.1) to 0, and its output to its bias alone."""
+    torch.manual_seed(0)
+    model = Three().eval()
+    with torch.no_grad():
+        model.head.weight *= 50  # confident on its own predictions, as a trained model is
+        model.fc1.weight[0] = 0.0
+        model.fc1.bias[0] = -10.0
+        model.fc2.weight[:, 0] = 100.0
+    return model
+
+
+def test_the_quantization_ranking_finds_the_planted_layer_and_protect_keeps_it():
+    model = quantization_planted()
+    table_ = sensitivity.measure(model, TokenLoss(), labelled(model), ["int8-static", "int8-dynamic"],
+                                 torch.device("cpu"), batch=64)
+    rows = {row["name"]: row for row in table_["layers"]}
+    assert set(rows) == {"fc1", "fc2", "head"}
+    for family in ("pt2e", "int8-dynamic"):
+        rises = {name: row["quant"][family] for name, row in rows.items()}
+        assert max(rises, key=rises.get) == "fc2", (family, rises)
+        assert rises["fc2"] > 10 * max(rises["fc1"], rises["head"], 1e-6), (family, rises)
+    assert rows["fc2"]["params"] == 32 * 8 + 8 and 0 < rows["fc2"]["time_share"] < 1
+    # fc2 holds 264 of the 588 quantizable parameters: a 0.4 budget cannot keep it, 0.5 can.
+    assert layers.protected_layers(table_, "pt2e", 0.4) == ()
+    assert layers.protected_layers(table_, "pt2e", 0.5) == ("fc2",)
+    plan = layers.plan(QuantizationConfig("qat-int8", 0.5), PruningConfig(), table_)
+    assert plan == LayerPlan(protected=("fc2",))
+
+
+@pytest.mark.parametrize("mode", ["int8-static", "int8-dynamic"])
+def test_protected_layers_stay_unquantized_in_the_deployable_model(mode):
+    model = quantization_planted()
+    data = labelled(model)
+    inputs = data.x[:64]
+    knobs = Knobs(quantization=mode, quant_protect=0.5)
+    loss = TokenLoss()
+
+    def deployed(plan: LayerPlan):
+        deploy = compress.deployable(copy.deepcopy(model), knobs, inputs, [inputs], plan)
+        with torch.no_grad():
+            return deploy, float(loss(deploy.module(inputs), data.y[:64]))
+
+    kept, kept_loss = deployed(LayerPlan(protected=("fc2",)))
+    whole, whole_loss = deployed(LayerPlan())
+    with torch.no_grad():
+        fp32_loss = float(loss(model(inputs), data.y[:64]))
+    assert kept.info["protected"] == ["fc2"]
+    assert abs(kept_loss - fp32_loss) < 0.05 < whole_loss - fp32_loss, (fp32_loss, kept_loss, whole_loss)
+    if mode == "int8-static":
+        # The converted graph still reads fc2's fp32 weight; fc1's became an int8 constant.
+        read = {n.target for n in kept.module.graph.nodes if n.op == "get_attr"}
+        assert "fc2.weight" in read and "fc1.weight" not in read
+        assert kept.module.get_parameter("fc2.weight").dtype == torch.float32
+    else:
+        assert type(kept.module.fc2.weight) is nn.Parameter
+        assert type(kept.module.fc1.weight) is not nn.Parameter  # a torchao quantized tensor
+
+
+class Spread(nn.Module):
+    """Two prunable units: ``fc1``'s 32 channels all carry the signal; ``fc2`` has 4 live
+    channels of 32 (the rest are zero, in and out, which L1 pruning removes first, at no cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.fc2.weight[4:] = 0.0
+            self.fc2.bias[4:] = 0.0
+            self.head.weight *= 50
+            self.head.weight[:, 4:] = 0.0  # nothing reads the dead channels either
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_pruning_allocation_spares_the_sensitive_unit_and_removes_what_uniform_removes():
+    model = Spread()
+    data = labelled(model)
+    table_ = sensitivity.measure(model, TokenLoss(), data, [sensitivity.STRUCTURED],
+                                 torch.device("cpu"), batch=64)["pruning"]
+    units = {unit["name"]: unit for unit in table_["units"]}
+    assert set(units) == {"fc1", "fc2"}
+    assert units["fc2"]["ratios"]["0.8"]["loss"] < 1e-4 < units["fc1"]["ratios"]["0.5"]["loss"]
+    example = data.x[:8]
+    for ratio in (0.3, 0.5):
+        removes = lambda ratios: pruning.removed(model, example, (), ratios)  # noqa: E731
+        ratios = dict(layers.allocate(table_, ratio, removes))
+        assert ratios["fc2"] > ratios["fc1"], ratios
+        uniform = table_["uniform"][f"{ratio:g}"]
+        guided = removes(ratios)
+        # The same parameter reduction as the global ratio: at least it, and within one 0.1
+        # step of one unit (4 of 32 channels, at most 9 + 32 parameters each).
+        assert uniform <= guided <= uniform + 4 * 41, (ratio, uniform, guided, ratios)
+        pruned = copy.deepcopy(model)
+        info = pruning.apply(pruned, PruningConfig("structured", ratio, "sensitivity"), example, ratios=ratios)
+        assert info["parameters_before"] - info["parameters_after"] == guided
+        assert pruned.fc1.out_features == round(32 * (1 - ratios["fc1"]))
+
+
+def test_a_plan_needs_the_study_table_and_a_file_names_real_layers():
+    with pytest.raises(AdvisorError, match="quant_protect needs the study's per-layer sensitivity"):
+        layers.plan(QuantizationConfig("int8-static", 0.2), PruningConfig(), None)
+    with pytest.raises(AdvisorError, match="prune_alloc needs the study's per-layer sensitivity"):
+        layers.plan(QuantizationConfig(), PruningConfig("structured", 0.5, "sensitivity"), {"layers": []})
+    assert layers.plan(QuantizationConfig("int8-static"), PruningConfig("structured", 0.5), None) == layers.NO_PLAN
+    plan = LayerPlan.from_dict({"protected": ["fc2"], "prune_ratios": {"fc1": 0.3}})
+    assert LayerPlan.from_dict(plan.to_dict()) == plan
+    plan.check(Three(), "the config")
+    with pytest.raises(AdvisorError, match="layers names 'blocks.0', which the model does not have"):
+        LayerPlan(prune_ratios=(("blocks.0", 0.5),)).check(Three(), "the config")
+    with pytest.raises(AdvisorError, match="layers.prune_ratios must map layer names to ratios"):
+        LayerPlan.from_dict({"prune_ratios": {"fc1": 1.5}})
+
+
+def test_the_knobs_validate_and_a_tried_configuration_keeps_the_whole_model_default():
+    with pytest.raises(ValueError, match="quant_protect keeps layers out of int8"):
+        Knobs(quantization="bf16", quant_protect=0.2)
+    with pytest.raises(ValueError, match="quant_protect must be a number from 0 to 0.5"):
+        Knobs(quantization="int8-static", quant_protect=0.9)
+    with pytest.raises(ValueError, match="prune_alloc spreads a structured pruning ratio"):
+        Knobs(prune_kind="unstructured", prune_ratio=0.5, prune_alloc="sensitivity")
+    assert FULL.offers(table.row("quant_protect")) and FULL.offers(table.row("prune_alloc"))
+    tried = FULL.check_values({"quantization": "int8-static", "prune_kind": "structured", "prune_ratio": 0.5})
+    assert tried["quant_protect"] == 0.0 and tried["prune_alloc"] == "uniform"
+    assert "quant_protect" not in FULL.check_values({"quantization": "none"})
+    # A study stored before the per-layer knobs resumes over its own space, without them.
+    old = BEFORE.to_dict()
+    assert FULL.to_dict() != old
+    resumed = FULL.as_stored(old)
+    assert resumed.to_dict() == old and not resumed.offers(table.row("quant_protect"))
+
+
+def test_the_layers_benchmark_judges_each_pair_by_its_median_drop():
+    from types import SimpleNamespace
+
+    from advisor.bench import layers as bench
+
+    def result(accuracy: float, size: int) -> dict:
+        return {"metrics": {"accuracy": accuracy}, "size_bytes": size,
+                "confirmation": {"accuracy": accuracy, "samples": [100, 100]},
+                "paired": {"latency": {"ratio": 0.5}}, "compression": {"parameters_after": size}}
+
+    base = result(0.95, 1000)
+
+    def seed(whole: float, guided: float) -> tuple:
+        return (base, SimpleNamespace(result=result(whole, 500)), SimpleNamespace(result=result(guided, 490)))
+
+    pair = ({"prune_kind": "structured", "prune_ratio": 0.7},
+            {"prune_kind": "structured", "prune_ratio": 0.7, "prune_alloc": "sensitivity"})
+    # Whole-model loses 3 points (median); guided 1 then 2: halved only in the first case.
+    halved = bench._row(pair, [seed(0.92, 0.94), seed(0.92, 0.94), seed(0.90, 0.93)])
+    assert halved["whole"]["drop_points"] == pytest.approx(3.0) and halved["applies"] and halved["met"]
+    short = bench._row(pair, [seed(0.92, 0.93)] * 3)
+    assert short["applies"] and short["met"] is False
+    small = bench._row(pair, [seed(0.945, 0.90)] * 3)  # whole loses 0.5 point: the goal does not apply
+    assert not small["applies"] and small["met"] is None
+    failed = (base, SimpleNamespace(result=result(0.92, 500)),
+              SimpleNamespace(result=None, failure={"reason": "boom"}, state="fail"))
+    assert bench._row(pair, [failed])["guided"]["drop_points"] is None
+    goal = bench._goal([halved, short, small])
+    assert goal == {**goal, "judged": 2, "met": 1, "all_met": False}
