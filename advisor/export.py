@@ -181,8 +181,8 @@ def from_dict(data: object, where: str = "config") -> Config:
 def _layers(section: object, knobs: Knobs, where: str) -> LayerPlan:
     """The per-layer choice; a file whose knobs make one must hold it."""
     per_layer = [f"{name} is {value}" for name, value, default in (
-        ("knobs.quant_protect", f"{knobs.quant_protect:g}", "0"), ("knobs.prune_alloc", knobs.prune_alloc, "uniform"))
-        if value != default]
+        ("knobs.quant_protect", f"{knobs.quant_protect:g}", "0"),
+        ("knobs.prune_alloc", knobs.prune_alloc, "uniform")) if value != default]
     if section is None:
         if per_layer:
             raise AdvisorError(f"{where}: {per_layer[0]} but the file has no layers section with the "

@@ -92,7 +92,9 @@ def _not_qat(values: Mapping[str, Any]) -> bool:
 def _prune_cell(k: Knobs) -> str:
     ratio = k.prune_ratio
     guided = " by-layer" if k.prune_alloc == "sensitivity" else ""
-    return f"{k.prune_kind} {ratio:g}{guided}" if k.prune_kind in pruning.RATIO_KINDS and ratio else str(k.prune_kind)
+    if k.prune_kind in pruning.RATIO_KINDS and ratio:
+        return f"{k.prune_kind} {ratio:g}{guided}"
+    return str(k.prune_kind)
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -114,7 +116,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("prune_ratio", PruningConfig, "ratio", float, 0.0, lambda p: (pruning.RATIO_RANGE, []),
          sample="step", when=lambda v: v["prune_kind"] in pruning.RATIO_KINDS,
          limits=(0.0, pruning.MAX_RATIO)),
-    Knob("prune_alloc", PruningConfig, "alloc", str, "uniform", lambda p: pruning.alloc_options(p.hw, p.model, p.example, p.keep),
+    Knob("prune_alloc", PruningConfig, "alloc", str, "uniform",
+         lambda p: pruning.alloc_options(p.hw, p.model, p.example, p.keep),
          when=lambda v: v["prune_kind"] == "structured", original=False,
          text=lambda k: "prune_alloc=sensitivity" if k.prune_alloc == "sensitivity" else "",
          needs="not offered: structured pruning is not offered for this model"),

@@ -196,7 +196,8 @@ def layer_lines(result: dict, knobs: Knobs) -> list[str]:
         out.append(f"  kept out of {knobs.quantization} (quant_protect {knobs.quant_protect:g}): {kept}")
     if plan.get("prune_ratios"):
         ratios = ", ".join(f"{name} {r:g}" for name, r in plan["prune_ratios"].items())
-        out.append(f"  structured pruning by layer (prune_ratio {knobs.prune_ratio:g} spread by sensitivity): {ratios}")
+        out.append(f"  structured pruning by layer (prune_ratio {knobs.prune_ratio:g} spread by "
+                   f"sensitivity): {ratios}")
     return out
 
 

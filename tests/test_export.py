@@ -154,7 +154,8 @@ def test_training_setup_gives_a_loop_the_training_knobs(tmp_path):
 
 COMPRESSED = {"precision": "fp32", "accumulation": 1, "checkpoint_every": 0, "compile": "none",
               "prune_kind": "structured", "prune_ratio": 0.5, "prune_alloc": "sensitivity",
-              "quantization": "int8-static", "quant_protect": 0.5, "distill_alpha": 0.5, "distill_temperature": 2.0}
+              "quantization": "int8-static", "quant_protect": 0.5, "distill_alpha": 0.5,
+              "distill_temperature": 2.0}
 
 
 def test_apply_reproduces_the_exported_trial(workdir, monkeypatch):

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_search_bench import FULL as BEFORE
 from torch import nn
 
 from advisor import knobs as table
@@ -18,7 +19,6 @@ from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
 from advisor.trial import compress, sensitivity
 from advisor.workload import TokenLoss
-from test_search_bench import FULL as BEFORE
 
 FULL = BEFORE.narrowed(quant_protect=quantization.PROTECT_RANGE, prune_alloc=pruning.ALLOCS)
 
@@ -98,7 +98,7 @@ def test_protected_layers_stay_unquantized_in_the_deployable_model(mode):
             return deploy, float(loss(deploy.module(inputs), data.y[:64]))
 
     kept, kept_loss = deployed(LayerPlan(protected=("fc2",)))
-    whole, whole_loss = deployed(LayerPlan())
+    _, whole_loss = deployed(LayerPlan())
     with torch.no_grad():
         fp32_loss = float(loss(model(inputs), data.y[:64]))
     assert kept.info["protected"] == ["fc2"]
@@ -156,24 +156,24 @@ def test_pruning_allocation_spares_the_sensitive_unit_and_removes_what_uniform_r
 
 
 def test_a_plan_needs_the_study_table_and_a_file_names_real_layers():
-    with pytest.raises(AdvisorError, match="quant_protect needs the study's per-layer sensitivity"):
+    with pytest.raises(AdvisorError, match=r"quant_protect needs the study's per-layer sensitivity"):
         layers.plan(QuantizationConfig("int8-static", 0.2), PruningConfig(), None)
-    with pytest.raises(AdvisorError, match="prune_alloc needs the study's per-layer sensitivity"):
+    with pytest.raises(AdvisorError, match=r"prune_alloc needs the study's per-layer sensitivity"):
         layers.plan(QuantizationConfig(), PruningConfig("structured", 0.5, "sensitivity"), {"layers": []})
     assert layers.plan(QuantizationConfig("int8-static"), PruningConfig("structured", 0.5), None) == layers.NO_PLAN
     plan = LayerPlan.from_dict({"protected": ["fc2"], "prune_ratios": {"fc1": 0.3}})
     assert LayerPlan.from_dict(plan.to_dict()) == plan
     plan.check(Three(), "the config")
-    with pytest.raises(AdvisorError, match="layers names 'blocks.0', which the model does not have"):
+    with pytest.raises(AdvisorError, match=r"layers names 'blocks\.0', which the model does not have"):
         LayerPlan(prune_ratios=(("blocks.0", 0.5),)).check(Three(), "the config")
-    with pytest.raises(AdvisorError, match="layers.prune_ratios must map layer names to ratios"):
+    with pytest.raises(AdvisorError, match=r"layers\.prune_ratios must map layer names to ratios"):
         LayerPlan.from_dict({"prune_ratios": {"fc1": 1.5}})
 
 
 def test_the_knobs_validate_and_a_tried_configuration_keeps_the_whole_model_default():
     with pytest.raises(ValueError, match="quant_protect keeps layers out of int8"):
         Knobs(quantization="bf16", quant_protect=0.2)
-    with pytest.raises(ValueError, match="quant_protect must be a number from 0 to 0.5"):
+    with pytest.raises(ValueError, match=r"quant_protect must be a number from 0 to 0\.5"):
         Knobs(quantization="int8-static", quant_protect=0.9)
     with pytest.raises(ValueError, match="prune_alloc spreads a structured pruning ratio"):
         Knobs(prune_kind="unstructured", prune_ratio=0.5, prune_alloc="sensitivity")

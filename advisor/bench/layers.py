@@ -24,7 +24,7 @@ from advisor.bench.knobs import label
 from advisor.bench.offered import split_offered, workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.knobs import Knobs
-from advisor.study import RunOptions, load, run
+from advisor.study import RunOptions, load, run, storage
 from advisor.techniques.schedule import DEFAULT_LR
 from advisor.texttable import table
 
@@ -41,7 +41,8 @@ LOSS_GOAL = 1.0  # points: where the whole-model version loses more, the guided 
 
 def layers(model: str | None = None, device: str = "auto", *, seeds: int = 3, study_dir: str | None = None,
            progress: Progress = silent, **settings) -> dict:
-    """Each offered pair of ``PAIRS`` as two trials, in one study per seed."""
+    """Each offered pair of ``PAIRS`` as two trials, in one study per seed (a study already
+    holding them in ``study_dir`` is read, not run again)."""
     lr = settings.get("lr") or DEFAULT_LR
     with tempfile.TemporaryDirectory(prefix="advisor-layers-") as tmp:
         root = Path(study_dir or tmp)
@@ -55,9 +56,12 @@ def layers(model: str | None = None, device: str = "auto", *, seeds: int = 3, st
         records = []
         for seed in range(seeds):
             name = f"layers-seed{seed}"
+            if _finished(name, url) >= len(queued):  # kept in --dir by an earlier run: reported again
+                records.append(load(name, url))
+                continue
             run(RunOptions(model=model, device=device, trials=len(queued), enqueue=queued, storage=url,
                            cache_dir=str(root / "cache"), study=name, sampler="random", seed=seed,
-                           early_stop=False, **{**settings, "seed": seed}), progress(len(queued)))
+                           early_stop=False, **settings), progress(len(queued)))
             records.append(load(name, url))
     rows = [_row(pair, [_pair_trials(r, i) for r in records]) for i, pair in enumerate(pairs)]
     first = records[0]
@@ -66,6 +70,13 @@ def layers(model: str | None = None, device: str = "auto", *, seeds: int = 3, st
             "sensitivity_s": [r.baseline["sensitivity"]["seconds"] for r in records],
             "rows": rows, "left_out": [{"config": label(c), "reason": why} for c, why in left_out],
             "goal": _goal(rows)}
+
+
+def _finished(name: str, url: str) -> int:
+    """Trials ``name`` holds that ended (0 when the storage has no such study)."""
+    if name not in storage.study_names(storage.open_storage(url)):
+        return 0
+    return sum(1 for t in load(name, url).trials if t.state in ("complete", "fail"))
 
 
 def _pair_trials(record, index: int) -> tuple:
@@ -94,7 +105,7 @@ def _side(baseline: dict, trial) -> dict:
 
 
 def _row(pair: tuple[dict, dict], seeds: list[tuple]) -> dict:
-    row: dict = {"whole": label(pair[0]), "guided": label(pair[1])}
+    row: dict = {"configs": {"whole": label(pair[0]), "guided": label(pair[1])}}
     for side, at in (("whole", 1), ("guided", 2)):
         runs = [_side(s[0], s[at]) for s in seeds]
         done = [r for r in runs if "failed" not in r]
@@ -123,7 +134,7 @@ def render(report: dict) -> str:
     for r in report["rows"]:
         w, g = r["whole"], r["guided"]
         verdict = "-" if not r["applies"] else ("met" if r["met"] else "NOT met")
-        rows.append([r["guided"], cell(w, "drop_points", "+.2f"), cell(g, "drop_points", "+.2f"),
+        rows.append([r["configs"]["guided"], cell(w, "drop_points", "+.2f"), cell(g, "drop_points", "+.2f"),
                      cell(w, "latency_ratio", ".2f"), cell(g, "latency_ratio", ".2f"),
                      cell(w, "size_ratio", ".3f"), cell(g, "size_ratio", ".3f"), verdict])
     hw, s = report["hardware"], report["settings"]

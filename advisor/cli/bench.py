@@ -19,7 +19,8 @@ from advisor.report import Progress
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: overhead, techniques alone, workers, search efficiency, "
-                       "early stopping, token-budget batching, the zoo, latency under noise, per-layer compression",
+                       "early stopping, token-budget batching, the zoo, latency under noise, "
+                       "per-layer compression",
                        description="Benchmarks, each printed as a table and written as JSON.")
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     o = which.add_parser("overhead", help="split each trial's wall time into measured work and "

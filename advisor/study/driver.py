@@ -83,7 +83,8 @@ def per_layer_modes(search: space.Space) -> tuple[str, ...]:
     """What the baseline measures the layers' sensitivity for: the quantization modes, one
     per family among those offered, where the space searches per-layer protection, and
     structured pruning's units where it searches their allocation."""
-    modes = sensitivity.families(search.quantization) if search.offers(knobs.row(quantization.PROTECT_KNOB)) else ()
+    protect = search.offers(knobs.row(quantization.PROTECT_KNOB))
+    modes = sensitivity.families(search.quantization) if protect else ()
     if search.offers(knobs.row("prune_alloc")):
         modes += (sensitivity.STRUCTURED,)
     return modes

@@ -2,7 +2,9 @@
 
 For each layer an offered quantization mode would quantize, the loss on a few fixed batches
 of training data is measured with that layer alone quantized, against the loss with none
-(both deterministic, so the difference is the layer's, not noise). Each layer's parameters
+(both deterministic, so the difference is the layer's, not noise): torchao's modes for real
+(``quantize_`` on that layer of a copy), PT2E's int8 simulated with its numerics
+(``_pt2e_alone``). Each layer's parameters
 and its measured share of the fp32 forward time go with it. Where structured pruning is
 offered, each of its units (``pruning.units``: an attention module's heads, a channel group)
 is pruned alone at each ratio the space samples, with the loss rise and the parameters it
@@ -16,6 +18,7 @@ see the data trials are selected on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advisor.techniques import capture, pruning, quantization
+from advisor.techniques import pruning, quantization
 from advisor.techniques.pruning import PruningConfig
 from advisor.techniques.quantization import QuantizationConfig
 from advisor.trial.mapped import MappedSplit
@@ -71,13 +74,17 @@ def measure(model: nn.Module, loss, train: MappedSplit, modes: Iterable[str], de
     for mode in (m for m in modes if m != STRUCTURED):
         config = QuantizationConfig(mode)
         names = quantization.layers(model, config)
-        captured = capture.export(copy.deepcopy(model), inputs[0]) if config.pt2e else None
+        ranges = _input_ranges(model, names, inputs) if config.pt2e else {}
         for name in names:
-            quantized = _quantize_one(model, captured, config, name, names, inputs)
             row = rows.setdefault(name, {"name": name, "kind": type(modules[name]).__name__,
                                          "params": sum(p.numel() for p in modules[name].parameters()),
                                          "quant": {}})
-            row["quant"][config.family] = _loss(quantized, loss, batches) - base
+            if config.pt2e:
+                with _pt2e_alone(modules[name], ranges[name]):
+                    rise = _loss(model, loss, batches) - base
+            else:
+                rise = _loss(_quantize_one(model, config, name, names, inputs), loss, batches) - base
+            row["quant"][config.family] = rise
             if on_layer:
                 on_layer()
     shares = time_shares(model, inputs[0], list(rows), device)
@@ -114,13 +121,59 @@ def _pruning(model: nn.Module, loss, batches: list, keep: tuple[str, ...], base:
     return {"parameters": before, "units": units, "uniform": uniform}
 
 
-def _quantize_one(model: nn.Module, captured: nn.Module | None, config: QuantizationConfig, name: str,
-                  names: list[str], inputs: list[Inputs]) -> nn.Module:
-    """A copy of the model with layer ``name`` alone quantized in ``config``'s mode."""
+def _quantize_one(model: nn.Module, config: QuantizationConfig, name: str, names: list[str],
+                  inputs: list[Inputs]) -> nn.Module:
+    """A copy of the model with layer ``name`` alone quantized in torchao ``config``'s mode."""
     others = [n for n in names if n != name]
-    source = captured if captured is not None else model
-    return quantization.quantize(copy.deepcopy(source), config, inputs[0], calibration=inputs,
-                                 protected=others, graph=captured is not None)
+    return quantization.quantize(copy.deepcopy(model), config, inputs[0], calibration=inputs, protected=others)
+
+
+@torch.no_grad()
+def _input_ranges(model: nn.Module, names: list[str], inputs: list[Inputs]) -> dict[str, tuple[float, float]]:
+    """Each layer's input range (min, max) over the batches: what a static observer calibrates."""
+    modules = dict(model.named_modules())
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def observe(name):
+        def hook(_m, args):
+            low, high = float(args[0].min()), float(args[0].max())
+            old = ranges.get(name, (low, high))
+            ranges[name] = (min(old[0], low), max(old[1], high))
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(observe(n)) for n in names]
+    try:
+        for x in inputs:
+            call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+@contextlib.contextmanager
+def _pt2e_alone(layer: nn.Module, input_range: tuple[float, float]):
+    """``layer`` computing as the x86 inductor quantizer's int8 makes it, for the duration: its
+    weight rounded per output channel to symmetric int8, its input per tensor to affine uint8
+    over the calibrated range (simulated in fp32 with ``torch.fake_quantize_*``: running the
+    PT2E flow once per layer cost about 0.6 s a layer, the whole study's trials' worth on a
+    small model). Weights and hooks are restored on exit."""
+    weight = layer.weight.detach().clone()
+    low, high = min(input_range[0], 0.0), max(input_range[1], 0.0)
+    scale = max((high - low) / 255, 1e-8)
+    zero = int(min(255, max(0, round(-low / scale))))
+    w_scale = (weight.abs().flatten(1).amax(1) / 127).clamp(min=1e-8)
+    with torch.no_grad():
+        layer.weight.copy_(torch.fake_quantize_per_channel_affine(
+            weight, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), 0, -128, 127))
+    handle = layer.register_forward_pre_hook(
+        lambda _m, args: (torch.fake_quantize_per_tensor_affine(args[0], scale, zero, 0, 255), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            layer.weight.copy_(weight)
 
 
 @torch.no_grad()
