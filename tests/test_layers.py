@@ -217,3 +217,12 @@ def test_the_layers_benchmark_judges_each_pair_by_its_median_drop():
     assert bench._row(pair, [failed])["guided"]["drop_points"] is None
     goal = bench._goal([halved, short, small])
     assert goal == {**goal, "judged": 2, "met": 1, "all_met": False}
+
+
+def test_a_benchmark_repeat_varies_the_measurement_seed_not_only_the_sampler():
+    from advisor.study.options import RunOptions, resolve_settings
+
+    assert resolve_settings(RunOptions(seed=3), None, 64, "s").seed == 0  # the sampler's seed alone
+    assert resolve_settings(RunOptions(seed=3, trial_seed=2), None, 64, "s").seed == 2
+    with pytest.raises(AdvisorError, match="was measured with --seed 0"):
+        resolve_settings(RunOptions(trial_seed=2), {"seed": 0}, 64, "s")

@@ -1,7 +1,7 @@
 """Whole-model against sensitivity-guided compression, one technique at a time.
 
 For each pair in ``PAIRS`` the two configurations run as trials of one study per seed (the
-study's ``--seed``: data order and initialization of every trial): the whole-model version
+study's measurement seed, ``Settings.seed``: data order and initialization of every trial): the whole-model version
 (every layer int8, or the same structured ratio everywhere) and its per-layer version
 (``quant_protect``: the most sensitive layers kept in fp32; ``prune_alloc`` sensitivity: the
 same parameter reduction spread by sensitivity, ``techniques/layers.py``). Accuracy is on the
@@ -61,7 +61,7 @@ def layers(model: str | None = None, device: str = "auto", *, seeds: int = 3, st
                 continue
             run(RunOptions(model=model, device=device, trials=len(queued), enqueue=queued, storage=url,
                            cache_dir=str(root / "cache"), study=name, sampler="random", seed=seed,
-                           early_stop=False, **settings), progress(len(queued)))
+                           trial_seed=seed, early_stop=False, **settings), progress(len(queued)))
             records.append(load(name, url))
     rows = [_row(pair, [_pair_trials(r, i) for r in records]) for i, pair in enumerate(pairs)]
     first = records[0]

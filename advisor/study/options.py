@@ -51,6 +51,9 @@ class RunOptions:
     serving_rate: float | None = None  # requests/s: measure p99 latency under this load
     serving_requests: int | None = None
     serving_deadline_ms: float | None = None
+    # The measurement seed (Settings.seed: data order and initialization of every trial;
+    # ``seed`` above is the sampler's). Python API only: a benchmark's repeats vary it.
+    trial_seed: int | None = None
     # Search policy (not stored with the study: each run may choose): stop trials at rungs
     # (study/rungs.py), or only measure each trial's points there and never stop ("observe":
     # what the search benchmark's table records); stop starting trials this many seconds
@@ -103,7 +106,8 @@ def _explicit_constraints(options: RunOptions) -> dict:
 
 
 def _explicit_settings(options: RunOptions) -> dict:
-    return {k: getattr(options, k) for k in SETTING_OPTIONS if getattr(options, k) is not None}
+    explicit = {k: getattr(options, k) for k in SETTING_OPTIONS if getattr(options, k) is not None}
+    return explicit if options.trial_seed is None else {**explicit, "seed": options.trial_seed}
 
 
 def resolve_constraints(options: RunOptions, stored: dict | None, study_name: str) -> Constraints:
