@@ -113,6 +113,31 @@ def test_protected_layers_stay_unquantized_in_the_deployable_model(mode):
         assert type(kept.module.fc1.weight) is not nn.Parameter  # a torchao quantized tensor
 
 
+class Encoder(nn.Module):
+    """``nn.TransformerEncoderLayer``: its attention's ``out_proj`` is a Linear whose forward never
+    runs (the attention op reads its weight), and PT2E's x86 quantizer leaves it in fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([x, x.flip(-1)], 1)  # two tokens of width 8
+        return self.head(self.layer(tokens).mean(1))
+
+
+def test_attention_projections_no_layer_forward_reaches_are_not_in_the_table():
+    model = Encoder().eval()
+    table_ = sensitivity.measure(model, TokenLoss(), labelled(model), ["int8-static", "int8-dynamic"],
+                                 torch.device("cpu"), batch=64)
+    measured = {row["name"]: set(row["quant"]) for row in table_["layers"]}
+    assert measured == {name: {"pt2e", "int8-dynamic"} for name in ("layer.linear1", "layer.linear2", "head")}
+    for mode in ("int8-static", "int8-dynamic"):
+        assert "layer.self_attn.out_proj" not in quantization.layers(model, QuantizationConfig(mode))
+
+
 class Spread(nn.Module):
     """Two prunable units: ``fc1``'s 32 channels all carry the signal; ``fc2`` has 4 live
     channels of 32 (the rest are zero, in and out, which L1 pruning removes first, at no cost)."""

@@ -188,8 +188,10 @@ def quantize(model: nn.Module, config: QuantizationConfig, example: Inputs,
 def layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
     """The names of the layers ``config``'s mode quantizes: the ones ``protect`` may keep."""
     if config.mode in PT2E:
-        kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d)  # what the x86 quantizer annotates
-        return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        # What the x86 quantizer annotates. ``nn.MultiheadAttention``'s projections stay
+        # fp32 under it (its out_proj's forward never runs; the attention op reads the weight).
+        return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                and not isinstance(m, NonDynamicallyQuantizableLinear)]
     if config.mode in TORCHAO:
         tied = tied_parameters(model)
         return [n for n, m in model.named_modules() if _quantizable(m, tied)]
@@ -298,7 +300,8 @@ def options(hw: Hardware, model: nn.Module, example: Inputs,
 
 def protect_options(model: nn.Module) -> tuple[tuple, list[Exclusion]]:
     """The ``quant_protect`` range, where the model has two or more layers to choose from."""
-    count = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+    count = sum(isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, NonDynamicallyQuantizableLinear)
+                for m in model.modules())
     if count < 2:
         return (), [Exclusion(PROTECT_KNOB, ANY, f"keeping sensitive layers out of quantization needs two "
                                                  f"or more Linear or Conv2d layers; the model has {count}")]

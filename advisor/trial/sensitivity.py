@@ -74,7 +74,11 @@ def measure(model: nn.Module, loss, train: MappedSplit, modes: Iterable[str], de
     for mode in (m for m in modes if m != STRUCTURED):
         config = QuantizationConfig(mode)
         names = quantization.layers(model, config)
-        ranges = _input_ranges(model, names, inputs) if config.pt2e else {}
+        if config.pt2e:
+            ranges = _input_ranges(model, names, inputs)
+            # A layer whose forward never runs (its weight read by another module) cannot be
+            # quantized alone, nor kept out by name: it is not a choice, so not in the table.
+            names = [n for n in names if n in ranges]
         for name in names:
             row = rows.setdefault(name, {"name": name, "kind": type(modules[name]).__name__,
                                          "params": sum(p.numel() for p in modules[name].parameters()),
