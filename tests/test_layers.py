@@ -242,6 +242,12 @@ def test_the_layers_benchmark_judges_each_pair_by_its_median_drop():
     assert bench._row(pair, [failed])["guided"]["drop_points"] is None
     goal = bench._goal([halved, short, small])
     assert goal == {**goal, "judged": 2, "met": 1, "all_met": False}
+    # The table says what the guided trial changed: a quantization pair that kept nothing
+    # is the whole-model trial again, and reads so.
+    spread = result(0.94, 490) | {"layers": {"protected": [], "prune_ratios": {"a": 0.3, "b": 0.9, "c": 0.6}}}
+    guided = bench._row(pair, [(base, SimpleNamespace(result=result(0.92, 500)), SimpleNamespace(result=spread))])
+    assert bench._choice(guided["guided"]) == "0.3-0.9 over 3 units"
+    assert bench._choice(halved["guided"]) == "kept 0 layers"
 
 
 def test_a_benchmark_repeat_varies_the_measurement_seed_not_only_the_sampler():

@@ -125,6 +125,19 @@ def _goal(rows: list[dict]) -> dict:
             "all_met": all(r["met"] for r in judged) if judged else None}
 
 
+def _choice(side: dict) -> str:
+    """What the guided trial changed, on the first seed that ran: the layers it kept out of
+    quantization, or the range of its per-unit pruning ratios."""
+    done = [r for r in side["runs"] if "failed" not in r]
+    if not done:
+        return "-"
+    chosen = done[0]["layers"]
+    if chosen.get("prune_ratios"):
+        ratios = chosen["prune_ratios"].values()
+        return f"{min(ratios):g}-{max(ratios):g} over {len(chosen['prune_ratios'])} units"
+    return f"kept {len(chosen.get('protected', ()))} layers"
+
+
 def render(report: dict) -> str:
     def cell(side: dict, key: str, fmt: str) -> str:
         value = side[key]
@@ -136,7 +149,7 @@ def render(report: dict) -> str:
         verdict = "-" if not r["applies"] else ("met" if r["met"] else "NOT met")
         rows.append([r["configs"]["guided"], cell(w, "drop_points", "+.2f"), cell(g, "drop_points", "+.2f"),
                      cell(w, "latency_ratio", ".2f"), cell(g, "latency_ratio", ".2f"),
-                     cell(w, "size_ratio", ".3f"), cell(g, "size_ratio", ".3f"), verdict])
+                     cell(w, "size_ratio", ".3f"), cell(g, "size_ratio", ".3f"), _choice(g), verdict])
     hw, s = report["hardware"], report["settings"]
     base = statistics.median(report["baseline"])
     head = (f"Whole-model against per-layer (sensitivity-guided) compression: {report['workload']} on "
@@ -146,8 +159,8 @@ def render(report: dict) -> str:
             f"{s['latency_batch']}; size: the weights' bytes over the baseline's. Sensitivity measured "
             f"in {statistics.median(report['sensitivity_s']):.1f} s per study")
     cols = ["guided configuration", "drop whole", "drop guided", "lat whole", "lat guided",
-            "size whole", "size guided", "goal"]
-    lines = [head, table(cols, rows, right=set(range(1, 8)))]
+            "size whole", "size guided", "guided chose (seed 0)", "goal"]
+    lines = [head, table(cols, rows, right=set(range(1, 7)))]
     for item in report["left_out"]:
         lines.append(f"not offered here: {item['config']}: {item['reason']}")
     g = report["goal"]
