@@ -251,6 +251,7 @@ def test_qat_and_the_int8_capture_see_training_data_only(tmp_path, monkeypatch):
         assert {tuple(x.flatten().tolist()) for x in inputs} <= train_rows - val_rows
 
 
+@pytest.mark.slow  # a full int8-static calibration and fine-tune of the CNN
 def test_int8_static_shrinks_the_digits_cnn_3x_within_a_point(workdir):
     result = advisor.run(trials=1, device="cpu", sampler="random", seed=0, latency_seconds=0.1,
                          enqueue=[{"quantization": "int8-static"}])

@@ -42,6 +42,7 @@ def test_readme_error_example_is_what_a_user_sees(mymodel):
     assert result.err.strip() == shown
 
 
+@pytest.mark.slow  # a full study of a transformer: minutes on 2 cores
 def test_readme_hugging_face_example_runs_a_study_with_its_conventions(workdir, monkeypatch):
     pytest.importorskip("transformers")
     (workdir / "hfmodel.py").write_text(example("BertForSequenceClassification"))

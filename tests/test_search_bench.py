@@ -149,6 +149,7 @@ def test_normalization_follows_the_objectives_table():
     assert np.allclose(v, expected)
 
 
+@pytest.mark.slow  # measures a table of real trials: half a minute on 2 cores
 def test_a_tiny_table_is_measured_once_and_resumed(workdir):
     tiny = {**search.GRID, "precision": ("fp32",), "accumulation": (1,), "checkpoint_every": (0,),
             "prune_kind": ("none", "unstructured"), "prune_ratio": (0.3, 0.3, 0.2),

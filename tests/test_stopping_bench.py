@@ -156,6 +156,7 @@ def test_the_chart_shows_hypervolume_against_compute():
         assert name in page
 
 
+@pytest.mark.slow  # two real studies, one per arm: half a minute on 2 cores
 def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(workdir):
     settings = {**FAST, "trial_steps": 12}
     first = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("on",),

@@ -34,6 +34,7 @@ from advisor.techniques.quantization import PROTECT_KNOB, QuantizationConfig
 BISECTIONS = 12  # halvings of the counted target: within 1/4096 of the units' total
 MATERIAL = 0.01  # a loss rise below this share of the baseline's loss is no reason to protect
 RESOLUTION = 400  # the allocation counts parameters in steps of 1/RESOLUTION of its target
+ROUNDING = 1e-5  # a loss rise within this share of the baseline's loss is rounding, not harm
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def plan(quantization: QuantizationConfig, prune: PruningConfig, sensitivity: Ma
                            f"start a new study with --study NAME")
     protected = protected_layers(sensitivity, quantization.family, quantization.protect) \
         if quantization.protect else ()
-    ratios = allocate(sensitivity["pruning"], prune.ratio, removes) if guided else ()
+    ratios = allocate(sensitivity["pruning"], prune.ratio, removes,
+                      floor=ROUNDING * abs(sensitivity["loss"])) if guided else ()
     return LayerPlan(protected=protected, prune_ratios=ratios)
 
 
@@ -111,7 +113,8 @@ def protected_layers(sensitivity: Mapping[str, Any], family: str, share: float) 
 
 
 def allocate(table: Mapping[str, Any], ratio: float,
-             removes: Callable[[dict[str, float]], int] | None = None) -> tuple[tuple[str, float], ...]:
+             removes: Callable[[dict[str, float]], int] | None = None,
+             floor: float = 0.0) -> tuple[tuple[str, float], ...]:
     """A ratio per pruning unit, each one it was measured at (or 0), removing as many
     parameters as the uniform ``ratio`` with the least summed loss rise of the units.
 
@@ -120,10 +123,11 @@ def allocate(table: Mapping[str, Any], ratio: float,
     spares one of them removes more than its count says. With ``removes`` (the parameters a
     plan really removes, from pruning a copy) the counted target is bisected until the plan
     removes at least what the uniform ratio does (``table["uniform"]``), and no more than it
-    must; without it, the plan matches the uniform ratio's count."""
+    must; without it, the plan matches the uniform ratio's count. A rise up to ``floor``
+    counts as none (see ``_cheapest``)."""
     key = f"{ratio:g}"
     counted = sum(unit["ratios"][key]["removed"] for unit in table["units"] if key in unit["ratios"])
-    best = _cheapest(table, counted)
+    best = _cheapest(table, counted, floor)
     if removes is None or removes(dict(best)) == table["uniform"][key]:
         return best
     need = table["uniform"][key]
@@ -134,32 +138,39 @@ def allocate(table: Mapping[str, Any], ratio: float,
         high = counted
     for _ in range(BISECTIONS):
         middle = (low + high) // 2
-        plan = _cheapest(table, middle)
+        plan = _cheapest(table, middle, floor)
         if removes(dict(plan)) >= need:
             high, best = middle, plan
         else:
             low = middle
-    return best if removes(dict(best)) >= need else _cheapest(table, high)
+    return best if removes(dict(best)) >= need else _cheapest(table, high, floor)
 
 
-def _cheapest(table: Mapping[str, Any], target: int) -> tuple[tuple[str, float], ...]:
+def _cheapest(table: Mapping[str, Any], target: int, floor: float = 0.0) -> tuple[tuple[str, float], ...]:
     """The measured ratio per unit whose counts sum to ``target`` or more (less 1/RESOLUTION
-    of it) with the least summed loss rise: a knapsack, by dynamic programming."""
+    of it) with the least summed loss rise, and of those the one removing least: a knapsack,
+    by dynamic programming.
+
+    A rise up to ``floor`` (or below zero) counts as none: pruning a unit that does not
+    matter moves the loss by rounding alone (a few 1e-9, of either sign, and not the same on
+    every CPU), and read as a difference it would pick whichever such ratio rounded lowest,
+    past what the target needs."""
     step = max(1, target // RESOLUTION)
     goal = target // step
-    # best[removed steps, capped at goal] = (summed loss rise, the ratios so far)
-    best: dict[int, tuple[float, tuple[float, ...]]] = {0: (0.0, ())}
+    # best[removed steps, capped at goal] = (summed loss rise, removed, the ratios so far)
+    best: dict[int, tuple[float, int, tuple[float, ...]]] = {0: (0.0, 0, ())}
     for unit in table["units"]:
-        choices = [(0.0, 0.0, 0)] + [(float(r), at["loss"], at["removed"]) for r, at in unit["ratios"].items()]
-        grown: dict[int, tuple[float, tuple[float, ...]]] = {}
-        for removed, (loss, ratios) in best.items():
+        choices = [(0.0, 0.0, 0)] + [(float(r), (at["loss"] if at["loss"] > floor else 0.0), at["removed"])
+                                     for r, at in unit["ratios"].items()]
+        grown: dict[int, tuple[float, int, tuple[float, ...]]] = {}
+        for removed, (loss, total, ratios) in best.items():
             for r, rise, count in choices:
                 key = min(goal, removed + -(-count // step))
-                value = (loss + rise, (*ratios, r))
-                if key not in grown or value[0] < grown[key][0]:
+                value = (loss + rise, total + count, (*ratios, r))
+                if key not in grown or value[:2] < grown[key][:2]:
                     grown[key] = value
         best = grown
     if goal not in best:  # beyond what the units can remove: each at its highest ratio
         return tuple((unit["name"], max(float(r) for r in unit["ratios"])) for unit in table["units"])
-    _, chosen = best[goal]
+    chosen = best[goal][2]
     return tuple((unit["name"], r) for unit, r in zip(table["units"], chosen, strict=True))
