@@ -21,6 +21,7 @@ from advisor import serving as serving_module
 from advisor.constraints import Constraints
 from advisor.knobs import Knob, Knobs
 from advisor.objectives import CONFIDENCE, OBJECTIVES, paired, ratio
+from advisor.study import warm
 from advisor.study.loop import Events
 from advisor.study.record import StudyRecord, StudySummary
 from advisor.texttable import table
@@ -129,6 +130,10 @@ def study_report(study: optuna.Study | StudyRecord, goal: str = "balanced",
     first = len(columns) + 1
     extra = 3 if serving else 1
     out.append(table(headers(columns, serving), rows, right=set(range(first, first + len(OBJECTIVES) + extra))))
+    if record.warm:
+        tried = ", ".join(f"#{t.number} ({t.warm_from})" for t in record.warm)
+        out.append(f"Warm start: {tried} tried the knobs of those earlier studies' trials first, "
+                   "measured anew here")
     rec = rec or recommend.recommend_if_any(record, judged.constraints, goal)
     if rec:
         out.append("")
@@ -428,6 +433,9 @@ class Progress(Events):
 
     def baseline_finished(self, result: dict) -> None:
         self.finish(f"baseline: {short_result(result)}")
+
+    def warm_started(self, origins: list[str]) -> None:
+        self.message(warm.describe(origins))
 
     def trial_started(self, index: int, number: int, knobs: Knobs) -> None:
         self.start(index, f"#{number} {knobs.describe()}")

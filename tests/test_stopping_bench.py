@@ -9,10 +9,10 @@ import warnings
 import pytest
 from test_search_bench import BASE, FULL, _synthetic_table
 
-from advisor.bench import search, stopping
+from advisor.bench import search, stopping, stopping_live
 from advisor.dashboard import render
 from advisor.knobs import Knobs
-from advisor.study import rungs
+from advisor.study import load, rungs
 from conftest import FAST
 
 BASE_METRICS = {"accuracy": BASE[0], "latency_ms": BASE[1], "memory_mib": BASE[2], "size_mib": BASE[3]}
@@ -128,8 +128,10 @@ def test_compare_reports_hypervolume_at_equal_compute_and_the_goals():
         report = stopping.compare(table, seeds=3)
     assert report["scale_trials"] == stopping.FULL and report["scale_s"] > 0
     methods = report["methods"]
-    assert set(methods) == {"tpe, early stopping", "tpe, no early stopping", "random, early stopping",
+    assert set(methods) == {"tpe, early stopping, warm start", "tpe, no early stopping, warm start",
+                            "tpe, early stopping", "tpe, no early stopping", "random, early stopping",
                             "random, no early stopping"}
+    assert [n for n, m in methods.items() if m["default"]] == ["tpe, early stopping, warm start"]
     for m in methods.values():
         medians = [m["hypervolume"][str(s)]["median"] for s in report["shares"]]
         assert medians == sorted(medians), "a front only grows with compute"
@@ -140,11 +142,26 @@ def test_compare_reports_hypervolume_at_equal_compute_and_the_goals():
     goal = report["goals"]["default_reaches_random_full"]
     assert goal["met"] == (goal["median_share"] <= stopping.GOAL_SHARE)
     behind = report["goals"]["early_stop_never_behind"]
-    es, no = methods["tpe, early stopping"]["hypervolume"], methods["tpe, no early stopping"]["hypervolume"]
+    es = methods["tpe, early stopping, warm start"]["hypervolume"]
+    no = methods["tpe, no early stopping, warm start"]["hypervolume"]
     assert behind["behind_at"] == [s for s in report["shares"] if es[str(s)]["median"] < no[str(s)]["median"]]
     text = stopping.render(report)
-    assert "tpe, early stopping (default)" in text and "25%" in text
+    assert "tpe, early stopping, warm start (default)" in text and "25%" in text
     json.dumps(report)
+
+
+def test_a_replayed_warm_start_enqueues_the_pick_of_an_earlier_studys_feasible_trials_first():
+    table = _table()
+    queued = stopping.prior(table, 0)
+    rows = {search.key(r["knobs"]): r for r in table["rows"]}
+    assert 0 < len(queued) <= stopping.warm.LIMIT
+    earlier = stopping.replay(table, "tpe", stopping.PRIOR_SEED, early_stop=True, budget=float("inf"),
+                              max_trials=stopping.PRIOR_TRIALS)
+    feasible = {t["key"] for t in earlier if t["ok"] and rows[t["key"]]["feasible"]}
+    assert {search.key(q) for q in queued} <= feasible
+    trials = stopping.replay(table, "tpe", 0, early_stop=True, budget=float("inf"), max_trials=len(queued) + 2,
+                             warm=queued)
+    assert [t["params"] for t in trials[:len(queued)]] == queued, "tried first, in the order picked"
 
 
 def test_the_chart_shows_hypervolume_against_compute():
@@ -159,10 +176,10 @@ def test_the_chart_shows_hypervolume_against_compute():
 @pytest.mark.slow  # two real studies, one per arm: half a minute on 2 cores
 def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(workdir):
     settings = {**FAST, "trial_steps": 12}
-    first = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("on",),
+    first = stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("on",),
                           **settings)
     assert first is None, "the arm without early stopping is not stored yet"
-    report = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("off",),
+    report = stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, arms=("off",),
                            **settings)
     assert set(report["arms"]) == {"on", "off"}
     for arm in report["arms"].values():
@@ -175,11 +192,35 @@ def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(wor
     assert pair["wall_ratio"] == pytest.approx(report["arms"]["on"]["seeds"][0]["wall_s"] / off["wall_s"])
     assert report["goals"]["wall_at_most_60pct_with_hv_at_least"] == (
         pair["wall_ratio"] <= 0.6 and pair["hypervolume_on"] >= pair["hypervolume_off"])
-    text = stopping.render_live(report)
+    text = stopping_live.render_live(report)
     assert "goal: at most 60% of the wall time" in text and "seed 0" in text
-    again = stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, **settings)
+    again = stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=2, **settings)
     assert again["arms"]["on"]["seeds"][0]["wall_s"] == report["arms"]["on"]["seeds"][0]["wall_s"], \
         "a rerun with every study stored runs nothing and keeps the measured wall times"
-    assert stopping.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=3, arms=(), **settings) \
-        is None, "studies holding fewer trials than asked (one still running) are not reported"
+    fewer = stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=1, trials=3, arms=(),
+                               **settings)
+    assert fewer is None, "studies holding fewer trials than asked (one still running) are not reported"
+    json.dumps(report)
+
+
+@pytest.mark.slow  # three real studies: half a minute on 2 cores
+def test_the_warm_start_live_check_starts_each_seed_from_another_seeds_cold_study(workdir):
+    settings = {**FAST, "trial_steps": 12}
+    before = stopping_live.live_warm("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, **settings)
+    assert before is None, "nothing to start from before the on arm is stored"
+    stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, arms=("on",), **settings)
+    report = stopping_live.live_warm("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, **settings)
+    for seed in (0, 1):
+        earlier = load("earlier", f"sqlite:///s/warm-{seed}.db")
+        assert earlier.trials == load(f"on-{1 - seed}", "sqlite:///s/live.db").trials, "the next seed's, copied"
+        warm = load(f"warm-{seed}", f"sqlite:///s/warm-{seed}.db")
+        assert warm.warm and all(t.warm_from.startswith("earlier#") for t in warm.warm)
+    cold, warm_ = report["arms"]["cold"], report["arms"]["warm"]
+    assert [p["warm_trials"] for p in warm_["seeds"]] == [len(load(f"warm-{s}", f"sqlite:///s/warm-{s}.db").warm)
+                                                          for s in (0, 1)]
+    assert all(p["warm_trials"] == 0 and p["wall_s"] > 0 for p in cold["seeds"])
+    behind = report["goals"]["warm_never_behind"]["behind_at"]
+    assert behind == [s for s in report["shares"]
+                      if warm_["at_compute"][str(s)]["median"] < cold["at_compute"][str(s)]["median"]]
+    assert "Warm start live" in stopping_live.render_live_warm(report)
     json.dumps(report)

@@ -82,7 +82,7 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str,
 def _live_study(model, device, url: str, root: Path, name: str, trials: int, progress, **options):
     run_options = RunOptions(model=model, device=device, trials=trials, study_trials=trials,
                                   storage=url, cache_dir=str(root / "cache"), study=name,
-                                  early_stop=False, **options)
+                                  early_stop=False, warm_start=False, **options)  # samplers compared cold
     run(run_options, progress(trials))
     return load(name, url)
 

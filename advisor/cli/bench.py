@@ -8,7 +8,7 @@ from pathlib import Path
 
 from advisor import bench
 from advisor.bench import layers as layers_bench
-from advisor.bench import live, search, stopping
+from advisor.bench import live, search, stopping, stopping_live
 from advisor.bench import noise as noise_bench
 from advisor.bench import varlen as varlen_bench
 from advisor.bench import zoo as zoo_bench
@@ -87,8 +87,9 @@ def register(sub) -> None:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--seeds", type=int, default=3, metavar="N", help="studies per arm (default 3)")
     e.add_argument("--trials", type=int, default=20, metavar="N", help="trials per study (default 20)")
-    e.add_argument("--arm", choices=("on", "off"), help="run only the studies with (on) or without (off) "
-                   "early stopping")
+    e.add_argument("--arm", choices=("on", "off", "warm"), help="run only the studies with (on) or without "
+                   "(off) early stopping; warm: after the on arm, each seed's study warm-started from the next "
+                   "seed's on study, against its own on study (JSON to studies/bench-stopping-warm.json)")
     e.add_argument("--dir", default="studies/stopping-live", metavar="DIR",
                    help="where the studies are kept (default studies/stopping-live)")
     e.add_argument("--trial-timeout", type=float, default=600.0, metavar="SECONDS")
@@ -256,14 +257,23 @@ def stopping_bench(args: argparse.Namespace) -> int:
     for flag, value in (("--seeds", args.seeds), ("--trials", args.trials)):
         if value < 1:
             raise AdvisorError(f"{flag} must be a positive integer; got {value}")
+    if args.arm == "warm":
+        warm = stopping_live.live_warm(args.model, args.device, study_dir=args.dir, seeds=args.seeds,
+                                  trials=args.trials, trial_timeout=args.trial_timeout, progress=Progress)
+        if warm is None:
+            print(f"the on arm's studies are not all in {args.dir} yet: run --arm on first")
+            return 0
+        print(stopping_live.render_live_warm(warm))
+        _write(args.json.replace("bench-stopping.json", "bench-stopping-warm.json"), warm)
+        return 0
     arms = (args.arm,) if args.arm else ("on", "off")
-    report = stopping.live(args.model, args.device, study_dir=args.dir, seeds=args.seeds, trials=args.trials,
-                           arms=arms, trial_timeout=args.trial_timeout, progress=Progress)
+    report = stopping_live.live(args.model, args.device, study_dir=args.dir, seeds=args.seeds, trials=args.trials,
+                                arms=arms, trial_timeout=args.trial_timeout, progress=Progress)
     if report is None:
         print(f"the other arm's studies are not all in {args.dir} yet: run it (--arm), then this command "
               "without --arm to report")
         return 0
-    print(stopping.render_live(report))
+    print(stopping_live.render_live(report))
     _write(args.json, report)
     return 0
 

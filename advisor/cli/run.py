@@ -38,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="run every trial to the end: no stopping at the rungs of its fine-tune "
                         "(default: a trial dominated at a rung, or far outside a constraint, stops)")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="a new study starts cold (default: it first tries, measured anew, the fronts "
+                        "of earlier studies of the same workload on this kind of machine in the storage; "
+                        "never when --try gives knobs to try first)")
     p.add_argument("--sampler", default="tpe", help="tpe (multivariate, default), nsga2, gp or random")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible knobs")
     p.add_argument("--try", dest="enqueue", action="append", type=knob_values, default=[],

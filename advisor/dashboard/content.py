@@ -157,6 +157,8 @@ def table(record: StudyRecord, judged: Front) -> list[Row]:
         if t.state == "pruned":
             state = f"stopped at step {t.stopped.get('step', '?')}"
             reason = t.stopped.get("reason", "")
+        if t.warm_from:  # enqueued by a warm start (study/warm.py)
+            reason = "; ".join(r for r in (f"warm start: the knobs of {t.warm_from}", reason) if r)
         served = (t.result or {}).get("serving", {})
         serving = {k: served[k] for k in ("p50_ms", "throughput_rps", "overload_share", "saturated")
                    if k in served}

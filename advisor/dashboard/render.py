@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 
+import plotly.colors as pcolors
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
@@ -326,13 +327,15 @@ def _compute_figure(es: dict) -> go.Figure:
     """Hypervolume against compute (share of random search's full trials), per method."""
     fig = go.Figure()
     shares = [5 * (i + 1) for i in range(len(next(iter(es["methods"].values()))["chart"]))]
-    for name, m in es["methods"].items():
-        label = f"{name} (default)" if name == "tpe, early stopping" else name
-        hv = m["chart"]
+    palette = pcolors.qualitative.Plotly
+    for i, (name, m) in enumerate(es["methods"].items()):
+        label = f"{name} (default)" if m.get("default") else name
+        hv, color = m["chart"], palette[i % len(palette)]  # a band and its line alike
         fig.add_trace(go.Scatter(x=shares + shares[::-1], y=[h["q75"] for h in hv] + [h["q25"] for h in hv][::-1],
-                                 fill="toself", opacity=0.2, line={"width": 0}, showlegend=False,
+                                 fill="toself", fillcolor=color, opacity=0.15, line={"width": 0}, showlegend=False,
                                  hoverinfo="skip", legendgroup=name, name=label))
         fig.add_trace(go.Scatter(x=shares, y=[h["median"] for h in hv], mode="lines", legendgroup=name,
+                                 line={"color": color, "width": 4 if m.get("default") else 2},
                                  name=f"{label}, {m['seeds']} seeds"))
     fig.add_hline(y=es["target_hypervolume"], line_dash="dot",
                   annotation_text=f"random search, {es['scale_trials']} full trials (median)")

@@ -1,7 +1,8 @@
 """The study: an Optuna study of trials, stored through SQLAlchemy, and the run that fills it.
 
 ``driver.run`` is ``advisor run``: ``options`` (what it takes) -> ``open`` (create, or resume
-after checking it is the same experiment) -> ``baseline`` (the reference, once per study) ->
+after checking it is the same experiment; a new one first tries earlier studies' fronts,
+``warm``) -> ``baseline`` (the reference, once per study) ->
 ``loop`` (workers ask, run a trial process, tell) -> ``record`` (the stored study, typed, for
 whoever reads it). ``storage`` holds the database side: URLs, locks shared by every worker,
 the baseline's weights.

@@ -3,7 +3,8 @@
 1. build and check the workload, materialize its data into the study's cache on this
    machine (``trial/cache.py``);
 2. create or resume the Optuna study (``open.py``: directions from the objectives table,
-   the workload, the measurement settings, the hardware and the search space recorded);
+   the workload, the measurement settings, the hardware and the search space recorded; a
+   new one first tries the fronts of earlier studies of its workload, ``warm.py``);
 3. measure the baseline once per study (``baseline.py``), and with it each layer's
    sensitivity where the space searches per-layer choices (``trial/sensitivity.py``);
 4. hand the trial loop to ``loop.py``: ask the sampler for knobs, run each trial in its own
@@ -55,8 +56,10 @@ def run(options: RunOptions, events: Events | None = None) -> RunResult:
     # One worker at a time creates (or checks) the study and trains its baseline: workers
     # starting together wait here, then find both done.
     with storage.lock(options.storage, f"study:{study_name}"):
-        study, settings, constraints, search = open_study(rdb, study_name, options, hw, info,
-                                                          workload.batch_size, build_space)
+        study, settings, constraints, search, warmed = open_study(rdb, study_name, options, hw, info,
+                                                                  workload.batch_size, build_space)
+        if warmed:
+            events.warm_started([c.origin for c in warmed])
         spec = TrialSpec.template(workload, ref, cache, settings, hw.device, options.threads or hw.cores,
                                   options.trial_memory_mb)
         clock = time.perf_counter()

@@ -42,6 +42,9 @@ class Events:
     def baseline_started(self, training: bool) -> None:
         pass
 
+    def warm_started(self, origins: list[str]) -> None:
+        """A new study enqueued these earlier studies' trials ("study#number") first."""
+
     def baseline_finished(self, result: dict) -> None:
         pass
 

@@ -1,7 +1,9 @@
 """Opening a study: create it with everything it records, or resume it after checking it is
 the same experiment (workload, device, space, settings, constraints), and load one to read.
 
-A refused run leaves nothing behind: every check passes before the study is created.
+A refused run leaves nothing behind: every check passes before the study is created. A new
+study's first trials are the knobs the run gives (``--try``) or, without them, what the warm
+start picks from earlier studies (``warm.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import optuna
 from advisor import hardware, objectives, space
 from advisor.constraints import Constraints
 from advisor.errors import AdvisorError
-from advisor.study import record, storage
+from advisor.study import record, storage, warm
 from advisor.study.options import RunOptions, make_sampler, resolve_constraints, resolve_settings
 from advisor.trial.spec import Settings
 from advisor.version import __version__
@@ -28,6 +30,7 @@ class Opened(NamedTuple):
     settings: Settings
     constraints: Constraints
     search: space.Space
+    warm: list[warm.Candidate]  # what a new study enqueued from earlier ones (study/warm.py)
 
 
 def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOptions,
@@ -77,7 +80,28 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
                            version={"version": __version__, "format": FORMAT})
     for values in queued:
         study.enqueue_trial(values)
-    return Opened(study, settings, constraints, search)
+    picked = []
+    if not stored and options.warm_start and not queued:
+        picked = warm_start(study, rdb, info, hardware.fingerprint(hw, options.threads), search,
+                            constraints, min(warm.LIMIT, options.trials))
+    return Opened(study, settings, constraints, search, picked)
+
+
+def warm_start(study: optuna.Study, rdb: optuna.storages.RDBStorage, info: dict, machine: dict,
+               search: space.Space, constraints: Constraints, limit: int) -> list[warm.Candidate]:
+    """Enqueue what ``warm.configs`` picks from earlier studies as the new study's first
+    trials, each marked with where it came from; recorded with the study."""
+    picked = []
+    for c in warm.configs(rdb, study.study_name, info, machine, search.to_dict(), FORMAT, constraints, limit):
+        try:
+            values = search.check_values(c.params)
+        except AdvisorError:  # a knob value this space no longer takes: not tried
+            continue
+        study.enqueue_trial(values, user_attrs={"warm_start": c.origin})
+        picked.append(c)
+    if picked:
+        record.write_warm_start(study, [c.origin for c in picked])
+    return picked
 
 
 def check_resume(study_name: str, stored: record.Setup, info: dict, machine: dict,

@@ -60,6 +60,9 @@ class RunOptions:
     # after the run started.
     early_stop: bool | str = True
     time_budget: float | None = None
+    # A new study first tries the fronts of earlier studies of its workload on this kind of
+    # machine in its storage (study/warm.py); not when the run enqueues knobs of its own.
+    warm_start: bool = True
     # Knobs to try first, each a (partial) dict of knob values; the sampler fills the rest.
     enqueue: list[dict] = field(default_factory=list)
     # Constraints (advisor.constraints): None takes the study's stored value, or the default.
@@ -93,6 +96,8 @@ def check(options: RunOptions) -> None:
                            f"got {options.time_budget!r}")
     if not (isinstance(options.early_stop, bool) or options.early_stop == "observe"):
         raise AdvisorError(f"early_stop must be True, False or 'observe'; got {options.early_stop!r}")
+    if not isinstance(options.warm_start, bool):
+        raise AdvisorError(f"warm_start must be True or False; got {options.warm_start!r}")
     if options.threads is not None and options.threads < 1:
         raise AdvisorError(f"--threads must be a positive integer; got {options.threads!r}")
     storage.parse_url(options.storage)

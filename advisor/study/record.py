@@ -39,6 +39,7 @@ class TrialRecord:
     rungs: tuple[dict, ...] = ()  # its points at the rungs it reached (``rungs.Point.to_dict``)
     stopped: dict = field(default_factory=dict)  # a pruned trial's {"step", "reason", "by"}
     partial: dict = field(default_factory=dict)  # what a stopped trial measured
+    warm_from: str | None = None  # "study#number": the earlier study's trial a warm start enqueued
 
     @property
     def values(self) -> list[float]:
@@ -118,7 +119,8 @@ class StudyRecord:
                             retried_from=retried(t), seconds=t.duration.total_seconds() if t.duration else 0.0,
                             rungs=tuple(t.user_attrs.get("rungs", ())),
                             stopped=dict(t.user_attrs.get("stopped", {})),
-                            partial=dict(t.user_attrs.get("partial", {})))
+                            partial=dict(t.user_attrs.get("partial", {})),
+                            warm_from=t.user_attrs.get("warm_start"))
                 for t in frozen)
         return cls(name=study.study_name, directions=tuple(d.name.lower() for d in study.directions),
                    trials=trials, baseline=attrs.get("baseline"), settings=dict(attrs.get("settings", {})),
@@ -134,6 +136,11 @@ class StudyRecord:
     def completed(self) -> list[TrialRecord]:
         """The completed trials with measurements, in trial order."""
         return [t for t in self.trials if t.result is not None]
+
+    @property
+    def warm(self) -> list[TrialRecord]:
+        """The trials a warm start enqueued (study/warm.py), in trial order."""
+        return [t for t in self.trials if t.warm_from]
 
     @property
     def failed(self) -> list[TrialRecord]:
@@ -244,6 +251,11 @@ def setup_of(study: optuna.Study) -> Setup:
     attrs = study.user_attrs
     return Setup(attrs.get("advisor"), attrs.get("workload", {}), attrs.get("settings"),
                  attrs.get("constraints"), attrs.get("hardware", {}), attrs.get("space"))
+
+
+def write_warm_start(study: optuna.Study, origins: list[str]) -> None:
+    """The earlier studies' trials ("study#number") a new study enqueued first (study/warm.py)."""
+    study.set_user_attr("warm_start", origins)
 
 
 def write_baseline(study: optuna.Study, baseline: dict) -> None:
