@@ -13,7 +13,7 @@ from advisor.bench import search, stopping, stopping_live
 from advisor.dashboard import render
 from advisor.knobs import Knobs
 from advisor.study import load, rungs
-from conftest import FAST
+from conftest import FAST, PLAIN
 
 BASE_METRICS = {"accuracy": BASE[0], "latency_ms": BASE[1], "memory_mib": BASE[2], "size_mib": BASE[3]}
 
@@ -203,12 +203,14 @@ def test_the_live_check_runs_each_arm_apart_and_reports_once_both_are_stored(wor
     json.dumps(report)
 
 
-@pytest.mark.slow  # three real studies: half a minute on 2 cores
+@pytest.mark.slow  # four real studies (two cold, two warm): about a minute on 2 cores
 def test_the_warm_start_live_check_starts_each_seed_from_another_seeds_cold_study(workdir):
-    settings = {**FAST, "trial_steps": 12}
+    settings = {**FAST, "trial_steps": 12, "max_accuracy_drop": 50}
     before = stopping_live.live_warm("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, **settings)
     assert before is None, "nothing to start from before the on arm is stored"
-    stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, arms=("on",), **settings)
+    # Each cold study's first trial is plain (inside the warm start's box), whatever the sampler draws.
+    stopping_live.live("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, arms=("on",),
+                       enqueue=[PLAIN], **settings)
     report = stopping_live.live_warm("workloads:tensor_mlp", "cpu", study_dir="s", seeds=2, trials=2, **settings)
     for seed in (0, 1):
         earlier = load("earlier", f"sqlite:///s/warm-{seed}.db")
