@@ -134,6 +134,17 @@ def cost_ratios(metrics: Mapping[str, float], baseline: Mapping[str, float],
     return out
 
 
+# The box the search's hypervolume is taken in, as ratios to the baseline: 80% of its
+# accuracy and twice its latency, memory and size (``advisor bench search``, the warm start).
+HYPERVOLUME_BOX = {"accuracy": 0.8, "latency_ms": 2.0, "memory_mib": 2.0, "size_mib": 2.0}
+
+
+def cost_box() -> dict[str, float]:
+    """``HYPERVOLUME_BOX`` as cost ratios (:func:`cost_ratios`: 0.8x the accuracy costs 1.25)."""
+    return {o.name: 1 / HYPERVOLUME_BOX[o.name] if o.direction == "maximize" else HYPERVOLUME_BOX[o.name]
+            for o in OBJECTIVES}
+
+
 def hypervolume(points: list, reference) -> float:
     """Hypervolume of lower-is-better ``points`` inside the box up to ``reference``; points
     outside it add nothing (Optuna's WFG computes it)."""

@@ -44,7 +44,7 @@ from advisor.texttable import table
 
 BUDGETS = (10, 20, 30, 50, 100)
 # Reference point in baseline-normalized, all-minimized objectives (accuracy negated).
-SEARCH_REFERENCE = {"accuracy": 0.8, "latency_ms": 2.0, "memory_mib": 2.0, "size_mib": 2.0}
+SEARCH_REFERENCE = objectives.HYPERVOLUME_BOX
 # The reduced grid: each knob's values, intersected with what the hardware offers.
 GRID = {
     "precision": ("fp32", "bf16"),

@@ -44,15 +44,10 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
             name = f"{arm}-{seed}"
             if name in stored and len(_live_trials(load(name, url))) >= trials:
                 continue
-            options = RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=url,
-                                 cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
-                                 early_stop=ARMS[arm], warm_start=False, **settings)  # arms stay apart
-            began = time.perf_counter()
-            result = run(options, progress(trials))
-            if result.completed + result.failed + result.stopped:  # it ran trials: its wall time is new
-                walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
-                walls[name] = time.perf_counter() - began
-                walls_file.write_text(json.dumps(walls))
+            _timed_run(RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=url,
+                                  cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
+                                  early_stop=ARMS[arm], warm_start=False, **settings),  # arms stay apart
+                       walls_file, progress)
     names = [f"{arm}-{seed}" for arm in ARMS for seed in range(seeds)]
     stored = set(optuna.study.get_all_study_names(url))  # again: this run may have added some
     if not all(n in stored for n in names):
@@ -60,18 +55,13 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     studies = {n: _live_trials(load(n, url)) for n in names}
     if any(len(t) < trials for t in studies.values()):
         return None  # a study of the other arm is still running (or was cut short): not comparable yet
-    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
+    walls = _walls(walls_file)
     scale = statistics.median(studies[f"off-{s}"][-1]["spent"] for s in range(seeds))
     shares = (0.25, 0.5, 0.75, 1.0)
     out = {}
     for arm in ARMS:
-        per_seed = []
-        for seed in range(seeds):
-            trials_ = studies[f"{arm}-{seed}"]
-            hv = {str(s): _live_hv(trials_, s * scale) for s in shares}
-            per_seed.append({"seed": seed, "wall_s": walls.get(f"{arm}-{seed}"), "trial_s": trials_[-1]["spent"],
-                             "stopped": sum(t["state"] == "pruned" for t in trials_),
-                             "hypervolume": _live_hv(trials_, float("inf")), "at_compute": hv})
+        per_seed = [_seed_row(seed, studies[f"{arm}-{seed}"], walls.get(f"{arm}-{seed}"), scale, shares)
+                    for seed in range(seeds)]
         out[arm] = {"seeds": per_seed,
                     "hypervolume": spread([p["hypervolume"] for p in per_seed]),
                     "trial_s": spread([p["trial_s"] for p in per_seed]),
@@ -80,6 +70,29 @@ def live(model: str | None = None, device: str = "auto", *, study_dir: str, seed
     return {"mode": "live", "workload": first.workload["name"], "hardware": first.hardware,
             "settings": first.settings, "trials": trials, "scale_s": scale, "shares": list(shares),
             "arms": out, "goals": _live_goals(out)}
+
+
+def _timed_run(options: RunOptions, walls_file: Path, progress: Progress) -> None:
+    """Run a study, keeping its wall time in ``walls_file`` when it ran trials (a rerun of a
+    study already complete keeps the time measured before)."""
+    began = time.perf_counter()
+    result = run(options, progress(options.trials))
+    if result.completed + result.failed + result.stopped:
+        walls = _walls(walls_file)
+        walls[options.study] = time.perf_counter() - began
+        walls_file.write_text(json.dumps(walls))
+
+
+def _walls(walls_file: Path) -> dict:
+    return json.loads(walls_file.read_text()) if walls_file.exists() else {}
+
+
+def _seed_row(seed: int, trials: list[dict], wall_s: float | None, scale: float, shares) -> dict:
+    """One study of a live check: its wall time, trial-seconds, stopped trials, hypervolume,
+    and hypervolume within each share of ``scale`` seconds of trials."""
+    return {"seed": seed, "wall_s": wall_s, "trial_s": trials[-1]["spent"],
+            "stopped": sum(t["state"] == "pruned" for t in trials), "hypervolume": _live_hv(trials, float("inf")),
+            "at_compute": {str(s): _live_hv(trials, s * scale) for s in shares}}
 
 
 def _live_trials(record) -> list[dict]:
@@ -168,29 +181,19 @@ def live_warm(model: str | None = None, device: str = "auto", *, study_dir: str,
             optuna.copy_study(from_study_name=f"on-{(seed + 1) % seeds}", from_storage=url, to_storage=wurl,
                               to_study_name="earlier")
         if name not in names or len(_live_trials(load(name, wurl))) < trials:
-            options = RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=wurl,
-                                 cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
-                                 early_stop=True, warm_start=True, **settings)
-            began = time.perf_counter()
-            result = run(options, progress(trials))
-            if result.completed + result.failed + result.stopped:
-                walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
-                walls[name] = time.perf_counter() - began
-                walls_file.write_text(json.dumps(walls))
+            _timed_run(RunOptions(model=model, device=device, trials=trials, study_trials=trials, storage=wurl,
+                                  cache_dir=str(root / "cache"), study=name, sampler="tpe", seed=seed,
+                                  early_stop=True, warm_start=True, **settings), walls_file, progress)
         record = load(name, wurl)
         warmed[seed] = (_live_trials(record), len(record.warm))
-    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
+    walls = _walls(walls_file)
     scale = statistics.median(cold[s][-1]["spent"] for s in range(seeds))
     shares = (0.1, 0.25, 0.5, 0.75, 1.0)
     arms = {}
     for arm, per in (("cold", {s: (t, 0) for s, t in cold.items()}), ("warm", warmed)):
-        rows = []
-        for seed, (trials_, enqueued) in per.items():
-            wall = walls.get(f"on-{seed}" if arm == "cold" else f"warm-{seed}")
-            rows.append({"seed": seed, "wall_s": wall, "trial_s": trials_[-1]["spent"], "warm_trials": enqueued,
-                         "stopped": sum(t["state"] == "pruned" for t in trials_),
-                         "hypervolume": _live_hv(trials_, float("inf")),
-                         "at_compute": {str(s): _live_hv(trials_, s * scale) for s in shares}})
+        rows = [{**_seed_row(seed, trials_, walls.get(f"on-{seed}" if arm == "cold" else f"warm-{seed}"),
+                             scale, shares), "warm_trials": enqueued}
+                for seed, (trials_, enqueued) in per.items()]
         arms[arm] = {"seeds": rows, "at_compute": {str(s): spread([r["at_compute"][str(s)] for r in rows])
                                                    for s in shares}}
     behind = [s for s in shares if arms["warm"]["at_compute"][str(s)]["median"]

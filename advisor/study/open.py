@@ -67,8 +67,9 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
     if stored:
         search = search.as_stored(stored.space)
     queued = [search.check_values(values) for values in options.enqueue]
+    machine = hardware.fingerprint(hw, options.threads)
     if stored:
-        check_resume(study_name, stored, info, hardware.fingerprint(hw, options.threads), search.to_dict())
+        check_resume(study_name, stored, info, machine, search.to_dict())
     else:
         study = optuna.create_study(storage=rdb, study_name=study_name, directions=directions,
                                     sampler=sampler, load_if_exists=True)
@@ -76,14 +77,13 @@ def open_study(rdb: optuna.storages.RDBStorage, study_name: str, options: RunOpt
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(objectives.NAMES))
         record.write_setup(study, info=info, settings=settings.to_dict(), constraints=constraints,
-                           hardware=hardware.fingerprint(hw, options.threads), space=search.to_dict(),
+                           hardware=machine, space=search.to_dict(),
                            version={"version": __version__, "format": FORMAT})
     for values in queued:
         study.enqueue_trial(values)
     picked = []
     if not stored and options.warm_start and not queued:
-        picked = warm_start(study, rdb, info, hardware.fingerprint(hw, options.threads), search,
-                            constraints, min(warm.LIMIT, options.trials))
+        picked = warm_start(study, rdb, info, machine, search, constraints, min(warm.LIMIT, options.trials))
     return Opened(study, settings, constraints, search, picked)
 
 
