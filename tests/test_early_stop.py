@@ -124,10 +124,10 @@ def test_peers_come_from_every_trial_in_the_storage_whatever_its_state():
             study.tell(trial, [0.95])
         elif now == state.PRUNED:
             study.tell(trial, state=now)
-    found, gains = rungs.peers(study.get_trials(deepcopy=False), 15)
+    found, gains = rungs.peers(study.get_trials(deepcopy=False), 15, BASE)
     assert sorted(p.number for p in found) == [0, 1, 2]
     assert gains == [(0.9, pytest.approx(0.05))]  # only a completed trial has an end to gain to
-    assert rungs.peers(study.get_trials(deepcopy=False), 30)[1] == [(0.93, pytest.approx(0.02))]
+    assert rungs.peers(study.get_trials(deepcopy=False), 30, BASE)[1] == [(0.93, pytest.approx(0.02))]
 
 
 RUNG_STEPS = {**FAST, "trial_steps": 12}  # rungs at steps 3 and 6
@@ -225,7 +225,7 @@ def test_two_workers_store_their_points_where_each_others_rule_reads_them(workdi
     assert result.stopped == 2
     record = load(result.study_name, result.storage)
     study = optuna.load_study(study_name=result.study_name, storage=result.storage)
-    found, _ = rungs.peers(study.get_trials(deepcopy=False), 3)
+    found, _ = rungs.peers(study.get_trials(deepcopy=False), 3, BASE)
     assert sorted(p.number for p in found) == [0, 1]
     assert {t.stopped["step"] for t in record.trials} == {3}
 
@@ -247,3 +247,82 @@ def test_only_an_eager_deployable_is_built_before_the_fine_tune(changes, compile
     student, _ = compress.student(model, knobs, example)
     deploy = compress.deployable(student, knobs, example, [example])
     assert compress.compiled(knobs) == compiled == (deploy.info["compile"] != "none")
+
+
+INT8 = Knobs(quantization="int8-static")
+
+
+def test_the_structure_a_trial_deploys_leaves_out_what_only_trains():
+    """Knobs that change only the fine-tune share a structure; any knob that changes the
+    deployed model makes another. Every knob of the table is one or the other."""
+    from advisor import knobs as table
+
+    assert set(table.DEPLOYED) | set(table.TRAINING_ONLY) == set(table.names())
+    assert not set(table.DEPLOYED) & set(table.TRAINING_ONLY)
+    trained = Knobs(quantization="int8-static", lr=3e-3, accumulation=4, distill_alpha=0.5)
+    assert trained.structure() == INT8.structure()
+    for other in (Knobs(quantization="int8-dynamic"), Knobs(quantization="int8-static", compile="default"),
+                  Knobs(quantization="int8-static", prune_kind="structured", prune_ratio=0.5)):
+        assert other.structure() != INT8.structure()
+
+
+DISTRIBUTIONS = {"quantization": optuna.distributions.CategoricalDistribution(
+    ["int8-static", "int8-dynamic", "qat-int8"]), "lr": optuna.distributions.FloatDistribution(1e-5, 1.0)}
+
+
+def _completed(study, knobs, accuracy, latency_ratio, size_mib, rung_points=()):
+    """A completed trial of ``knobs``, stored as a study stores one."""
+    params = {name: value for name, value in knobs.to_dict().items() if name in DISTRIBUTIONS}
+    result = {"metrics": {"accuracy": accuracy, "latency_ms": latency_ratio * BASE["latency_ms"],
+                          "memory_mib": 6.0, "size_mib": size_mib},
+              "paired": {"latency": {"ratio": latency_ratio}}}
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions={name: DISTRIBUTIONS[name] for name in params}, values=[accuracy],
+        user_attrs={"rungs": [p.to_dict() for p in rung_points], "result": result}))
+    return len(study.trials) - 1
+
+
+def test_a_completed_trial_brings_the_costs_its_end_measured_to_its_rung_points():
+    """A compiled deployable is timed at the end: its points at the rungs had no costs, and
+    its own end's measurements fill them (over any it took from another trial)."""
+    study = optuna.create_study(directions=["maximize"])
+    bare = Point(0, 15, 0.94)
+    _completed(study, INT8, 0.95, 0.5, 0.0625, [bare])
+    borrowed = Point(1, 15, 0.94, {"latency_ms": 0.9, "size_mib": 0.9}, costs_from=0)
+    _completed(study, INT8, 0.95, 0.45, 0.0625, [borrowed])
+    running = study.ask()
+    running.set_user_attr("rungs", [Point(2, 15, 0.9).to_dict()])
+    found = {p.number: p for p in rungs.peers(study.get_trials(deepcopy=False), 15, BASE)[0]}
+    assert found[0].costs == {"latency_ms": 0.5, "size_mib": pytest.approx(0.25)}
+    assert found[1].costs == {"latency_ms": 0.45, "size_mib": pytest.approx(0.25)} and found[1].costs_from is None
+    assert found[2].costs == {}  # running: nothing measured yet
+
+
+def test_a_trial_without_costs_at_a_rung_is_judged_with_its_structures_and_told_whose(monkeypatch):
+    """The trial loop's answer at a rung (``loop._at_rung``) for a compiled trial: the latest
+    completed trial deploying the same structure lends its costs; four such trials two points
+    more accurate stop it, and the stored point and the reason name the lender."""
+    import threading
+    from types import SimpleNamespace
+
+    from advisor.study import loop as trial_loop
+    from advisor.study.options import RunOptions
+
+    study = optuna.create_study(directions=["maximize"])
+    lenders = [_completed(study, Knobs(quantization="int8-static", lr=1e-3 * (i + 1)), 0.95, 0.5, 0.0625,
+                          [Point(0, 15, 0.95)]) for i in range(4)]
+    _completed(study, Knobs(quantization="int8-dynamic", lr=1e-3), 0.99, 0.1, 0.01, [Point(0, 15, 0.99)])
+    state = SimpleNamespace(result=SimpleNamespace(baseline={"metrics": BASE}), lock=threading.Lock(),
+                            options=RunOptions(), study=study, constraints=NONE, rule=rungs.Rule(), stops={})
+    trial = study.ask()
+    go_on = trial_loop._at_rung(state, trial, Knobs(quantization="int8-static", distill_alpha=0.5),
+                                {"step": 15, "accuracy": 0.93}, {})
+    assert not go_on
+    stored = study.trials[trial.number].user_attrs
+    assert stored["rungs"][0]["costs_from"] == lenders[-1]
+    assert stored["rungs"][0]["costs"] == {"latency_ms": 0.5, "size_mib": pytest.approx(0.25)}
+    assert f"as #{lenders[-1]}, of the same deployed structure" in stored["stopped"]["reason"]
+    # Another structure (no completed trial deploys it) has nothing to be judged with: it goes on.
+    other = study.ask()
+    assert trial_loop._at_rung(state, other, Knobs(quantization="qat-int8"), {"step": 15, "accuracy": 0.93}, {})
+    assert "costs_from" not in study.trials[other.number].user_attrs["rungs"][0]

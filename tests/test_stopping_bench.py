@@ -42,7 +42,8 @@ def _table() -> dict:
             "seconds": 30.0 if compiled else 10.0, "rung_s": 1.0,
             "rungs": [{"step": 15, "accuracy": acc, "costs": costs, "seconds": 3.0},
                       {"step": 30, "accuracy": acc, "costs": costs, "seconds": 5.0}],
-            "cheap": {"latency_ms": BASE[1] * (0.5 + shrink / 2), "size_mib": BASE[3] * shrink}})
+            "cheap": {"latency_ms": BASE[1] * (0.5 + shrink / 2), "size_mib": BASE[3] * shrink,
+                      "latency_ratio": 0.5 + shrink / 2}})
     return {"workload": "synthetic", "hardware": {"device": "cpu", "name": "test", "torch_version": "-"},
             "settings": {"trial_steps": 60, "latency_batch": 1}, "grid": search.GRID, "space": grid.to_dict(),
             "lr": 1e-3, "baseline": BASE, "baseline_metrics": BASE_METRICS,
@@ -81,14 +82,39 @@ def test_a_hopeless_trial_stops_at_its_first_rung_and_costs_its_time_there():
         before = t["spent"]
 
 
-def test_a_trial_without_cheap_costs_is_never_dominated_only_constraint_stopped():
+def test_a_trial_without_cheap_costs_is_dominated_only_once_its_structure_has_completed():
     table = _table()
     trials = stopping.replay(table, "random", 2, early_stop=True, budget=3000.0)
     rows = {search.key(r["knobs"]): r for r in table["rows"]}
+    completed = set()
     for t in trials:
         row = rows[t["key"]]
+        k = Knobs.from_dict(row["knobs"])
         if t["stopped"] is not None and not row["rungs"][0]["costs"]:
-            assert hopeless(Knobs.from_dict(row["knobs"])), "stopped with no cost measured: only on accuracy"
+            assert hopeless(k) or k.structure() in completed, "stopped with no cost measured or lent"
+        if t["ok"]:
+            completed.add(k.structure())
+
+
+def test_a_replayed_trial_without_cheap_costs_takes_its_structures_as_the_loop_does():
+    """Four peers two points more accurate and no costlier stop a compiled row only when a
+    completed row of the same structure lends it the costs its end measured."""
+    table = _table()
+    compiled = [r for r in table["rows"] if r["knobs"]["quantization"] == "int8-static"
+                and r["knobs"]["prune_kind"] == "none"]
+    row, lender = compiled[0], compiled[1]
+    k = Knobs.from_dict(row["knobs"])
+    assert Knobs.from_dict(lender["knobs"]).structure() == k.structure() and not row["rungs"][0]["costs"]
+    better = row["rungs"][0]["accuracy"] + 0.02
+    points = {15: [rungs.Point(100 + i, 15, better, {"latency_ms": 0.5, "size_mib": 0.2}, rungs.lightness(k))
+                   for i in range(4)]}
+    no_limit = stopping.Constraints(max_accuracy_drop=None)
+    alone = stopping._stop_at(row, 0, k, {s: list(p) for s, p in points.items()}, BASE_METRICS, no_limit, {},
+                              rungs.Rule())
+    assert alone is None, "no cost measured and none lent: it cannot be dominated"
+    lent = stopping._stop_at(row, 0, k, points, BASE_METRICS, no_limit, {}, rungs.Rule(), (7, lender))
+    assert lent == row["rungs"][0]
+    assert points[15][-1].costs_from == 7 and points[15][-1].costs == stopping.end_costs(lender, BASE_METRICS)
 
 
 def test_the_rule_replayed_is_the_studys():

@@ -96,7 +96,7 @@ def test_a_study_on_another_machine_or_space_or_format_or_without_baseline_is_no
     assert [s.name for s in warm.sources(rdb, "new", info, machine, space, FORMAT)] == ["before"]
     assert warm.sources(rdb, "before", info, machine, space, FORMAT) == [], "a study is not its own source"
     changes = {"hardware": {**machine, "threads": machine["threads"] + 1},
-               "space": {**space, "precision": ["fp32"]},
+               "space": {**space, "precision": [*space["precision"], "fp8"]},
                "advisor": {**attrs["advisor"], "format": FORMAT - 1},
                "baseline": None,
                "workload": {**info, "name": "another"}}

@@ -6,7 +6,9 @@ and what the trial cost: its wall time, the wall time up to each rung, and the s
 measuring the rungs. Replaying a sampler over it with early stopping applies the study's own
 rung rule (``rungs.decide``, the same function and ``Rule`` a study uses) to each trial as
 the sampler asks for it, against the points of the trials replayed before it; a stopped
-trial is told to the sampler as pruned and costs its wall time up to the rung. Without
+trial is told to the sampler as pruned and costs its wall time up to the rung. As in a study,
+a completed trial's points take the costs its end measured, and a trial with none at a rung
+takes those of the latest completed trial of its structure (``rungs.same_structure``). Without
 early stopping a trial costs its wall time less the rung measurements, which such a study
 does not make (a derivation, stated with the results: the table's trials measured their
 rungs, and ran in the order early stopping uses: eager deployables timed before the
@@ -71,12 +73,16 @@ def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: fl
         study.enqueue_trial(params)
     points: dict[int, list[rungs.Point]] = {}  # step -> the points replayed trials stored there
     gains: dict[int, list[tuple[float, float]]] = {}  # step -> (accuracy there, gain to the end)
+    done: dict[tuple, tuple[int, dict]] = {}  # structure -> the latest completed trial's number and row
     spent, out = 0.0, []
     while spent < budget and len(out) < max_trials:
         trial = study.ask()
         knobs = grid.suggest(trial)
         row = rows[key(knobs.to_dict())]
-        stop = _stop_at(row, trial.number, knobs, points, base, constraints, gains, rule) if early_stop else None
+        stop = None
+        if early_stop:
+            stop = _stop_at(row, trial.number, knobs, points, base, constraints, gains, rule,
+                            done.get(knobs.structure()))
         if stop is not None:
             spent += stop["seconds"]
             study.tell(trial, state=TrialState.PRUNED)
@@ -87,6 +93,9 @@ def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: fl
                 for p in row.get("rungs", []) if early_stop else ():
                     gain = row["values"][ACCURACY] - p["accuracy"]
                     gains.setdefault(p["step"], []).append((p["accuracy"], gain))
+                if early_stop:
+                    _completed(trial.number, row, points, base)
+                    done[knobs.structure()] = (trial.number, row)
             else:
                 study.tell(trial, state=TrialState.FAIL)
         out.append({"key": key(row["knobs"]), "params": dict(trial.params), "ok": row["ok"] and stop is None,
@@ -113,14 +122,37 @@ def method_name(sampler: str, early: bool, warm_start: bool) -> str:
             + (", warm start" if warm_start else ""))
 
 
+def end_costs(row: dict, base: dict) -> dict[str, float]:
+    """A completed row's costs as its end measured them, as ``rungs.final_costs`` reads a
+    trial's result: the paired latency ratio and the size over the baseline's."""
+    cheap = row.get("cheap", {})
+    out = {"latency_ms": cheap["latency_ratio"]} if "latency_ratio" in cheap else {}
+    if "size_mib" in cheap and base.get("size_mib"):
+        out["size_mib"] = cheap["size_mib"] / base["size_mib"]
+    return out
+
+
+def _completed(number: int, row: dict, points: dict, base: dict) -> None:
+    """A completed trial's stored points take the costs its end measured (``rungs.peers``)."""
+    costs = end_costs(row, base)
+    for step, stored in points.items():
+        points[step] = [p.ended(costs) if p.number == number else p for p in stored]
+
+
 def _stop_at(row: dict, number: int, knobs: Knobs, points: dict, base: dict, constraints: Constraints,
-             gains: dict, rule: rungs.Rule) -> dict | None:
+             gains: dict, rule: rungs.Rule, same: tuple[int, dict] | None = None) -> dict | None:
     """Walk the row's rungs as a live trial would: store each point, stop at the first the
-    rule stops. The point it stopped at, or None when it runs to its end."""
+    rule stops. A point without costs takes those of ``same``, the latest completed trial of
+    its structure, as the trial loop does. The point it stopped at, or None when it runs to its end."""
     cheap = row.get("cheap", {})
     for values in row.get("rungs", []):
         here = rungs.Point.from_dict(number, {**values, "light": list(rungs.lightness(knobs))})
         measured = {name: cheap[name] for name in ("latency_ms", "size_mib") if here.costs and name in cheap}
+        if same is not None and any(name not in here.costs for name in rungs.CHEAP):
+            lender, lent = same
+            here = here.with_costs(end_costs(lent, base), lender)
+            measured = {name: lent["cheap"][name] for name in ("latency_ms", "size_mib")
+                        if name in lent.get("cheap", {})} | measured
         decision = rungs.decide(here, points.get(here.step, []), baseline=base, constraints=constraints,
                                 measured=measured, gains=gains.get(here.step, []), rule=rule)
         points.setdefault(here.step, []).append(here)

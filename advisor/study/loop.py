@@ -294,10 +294,19 @@ def _at_rung(loop: Loop, trial: optuna.Trial, knobs: Knobs, point: dict, cheap: 
         costs["size_mib"] = measured["size_mib"] / base["size_mib"]
     here = rungs.Point(trial.number, point["step"], point["accuracy"], costs, rungs.lightness(knobs))
     with loop.lock:
+        trials = loop.study.get_trials(deepcopy=False)
+        observe = loop.options.early_stop == "observe"  # the search table: what the trial measured only
+        if not observe and any(name not in costs for name in rungs.CHEAP) and (
+                same := rungs.same_structure(trials, knobs)):
+            # Not measured by this rung (a compiled deployable is timed at the end): the costs
+            # of the same deployed structure, which a completed trial measured.
+            number, result = same
+            here = here.with_costs(rungs.final_costs(result, base), number)
+            measured = {name: result["metrics"][name] for name in rungs.CHEAP} | measured
         record.write_rung(trial, {**here.to_dict(), "seconds": point.get("seconds")})
-        if loop.options.early_stop == "observe":
+        if observe:
             return True
-        peers, gains = rungs.peers(loop.study.get_trials(deepcopy=False), here.step)
+        peers, gains = rungs.peers(trials, here.step, base)
         decision = rungs.decide(here, peers, baseline=base, constraints=loop.constraints, measured=measured,
                                 gains=gains, rule=loop.rule)
         if decision.stop:

@@ -7,7 +7,13 @@ compiled one measures them at the end, as building it twice would compile it twi
 rung it measures accuracy on the selection data with the weights it has so far. The study
 then compares that point with every other trial's point at the same rung (completed,
 stopped or still running, from any worker: the points are stored with the trials) and the
-trial either goes on or stops (:func:`decide`):
+trial either goes on or stops (:func:`decide`).
+
+A completed trial's points carry the costs its end measured where it had none at the rung
+(:func:`peers`). A trial with none at a rung takes those of the latest completed trial that
+deploys the same structure (:func:`same_structure`: the same pruning, quantization, compile
+mode, autocast and batcher, other weights; a weight's value changes neither a kernel's time
+nor its bytes), and its point names that trial (``costs_from``), as does a stop's reason.
 
 - **Dominated beyond a margin.** It stops when at least ``Rule.dominators`` other trials at
   the same rung beat it by the margins: at least ``Rule.accuracy_points`` more accurate, or
@@ -34,7 +40,7 @@ the decision, and tells Optuna a stopped trial as pruned.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from advisor.constraints import Constraints
 from advisor.knobs import Knobs
@@ -71,14 +77,29 @@ class Point:
     accuracy: float
     costs: Mapping[str, float] = field(default_factory=dict)  # CHEAP name -> ratio to the baseline
     light: tuple[float, ...] = ()  # lightness(knobs): what its training knobs do for memory
+    costs_from: int | None = None  # the completed trial of the same structure whose costs these are
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "accuracy": self.accuracy, "costs": dict(self.costs), "light": list(self.light)}
+        return {"step": self.step, "accuracy": self.accuracy, "costs": dict(self.costs), "light": list(self.light),
+                **({"costs_from": self.costs_from} if self.costs_from is not None else {})}
 
     @classmethod
     def from_dict(cls, number: int, values: Mapping) -> Point:
         return cls(number, int(values["step"]), float(values["accuracy"]), dict(values.get("costs", {})),
-                   tuple(values.get("light", ())))
+                   tuple(values.get("light", ())), values.get("costs_from"))
+
+    def with_costs(self, costs: Mapping[str, float], source: int | None = None) -> Point:
+        """This point with the cheap costs it lacks taken from ``costs`` (its own kept)."""
+        if all(name in self.costs for name in CHEAP):
+            return self
+        return replace(self, costs={**costs, **self.costs},
+                       costs_from=self.costs_from if source is None else source)
+
+    def ended(self, costs: Mapping[str, float]) -> Point:
+        """This point once its trial has completed and its end measured ``costs``: those, for
+        what it had not measured itself by the rung (and over any another trial lent it)."""
+        own = self.costs if self.costs_from is None else {}
+        return replace(self, costs={**costs, **own}, costs_from=None)
 
 
 def lightness(knobs: Knobs) -> tuple[float, ...]:
@@ -96,19 +117,55 @@ class Decision:
     by: tuple[int, ...] = ()  # the trials that dominate it (when that is why it stops)
 
 
-def peers(trials: Iterable, step: int) -> tuple[list[Point], list[tuple[float, float]]]:
+def final_costs(result: Mapping, baseline: Mapping[str, float]) -> dict[str, float]:
+    """A completed trial's cheap costs as its end measured them, as a rung point carries them:
+    its latency objective's paired ratio (in a serving study, the p99's) and its size over the
+    baseline's."""
+    paired = result.get("paired", {})
+    pair = paired.get("serving_p99") if "serving" in result else paired.get("latency")
+    out = {"latency_ms": pair["ratio"]} if pair else {}
+    size = result["metrics"].get("size_mib")
+    if size is not None and baseline.get("size_mib"):
+        out["size_mib"] = size / baseline["size_mib"]
+    return out
+
+
+def peers(trials: Iterable, step: int,
+          baseline: Mapping[str, float]) -> tuple[list[Point], list[tuple[float, float]]]:
     """From a study's trials (Optuna's frozen trials): every stored point at ``step``, and for
-    each completed trial, its accuracy there and how much its final accuracy gained on it."""
+    each completed trial, its accuracy there and how much its final accuracy gained on it. A
+    completed trial's point has the cheap costs its end measured where it had not measured
+    them by the rung (a compiled deployable is timed at the end): the same model's costs."""
     points, gains = [], []
     for t in trials:
+        result = t.user_attrs.get("result") if t.state.name == "COMPLETE" else None
         for values in t.user_attrs.get("rungs", ()):
             if values["step"] != step:
                 continue
-            points.append(Point.from_dict(t.number, values))
-            result = t.user_attrs.get("result") if t.state.name == "COMPLETE" else None
+            point = Point.from_dict(t.number, values)
+            points.append(point.ended(final_costs(result, baseline)) if result else point)
             if result:
                 gains.append((values["accuracy"], result["metrics"]["accuracy"] - values["accuracy"]))
     return points, gains
+
+
+def same_structure(trials: Iterable, knobs: Knobs) -> tuple[int, dict] | None:
+    """The latest completed trial (its number and result) that deploys the same structure as
+    ``knobs`` (``Knobs.structure``): the same program with other weights, so the same kernel
+    times and weights' bytes. What a trial that has not measured its cheap costs by a rung
+    (a compiled deployable, timed at its end) is judged with; ``None`` when there is none."""
+    key = knobs.structure()
+    found = None
+    for t in trials:
+        result = t.user_attrs.get("result") if t.state.name == "COMPLETE" else None
+        if result and (found is None or t.number > found[0]):
+            try:
+                same = Knobs.from_dict(t.params).structure() == key
+            except (TypeError, ValueError):  # params not written by this advisor
+                continue
+            if same:
+                found = (t.number, result)
+    return found
 
 
 def dominates_by_margin(a: Point, b: Point, rule: Rule) -> bool:
@@ -152,12 +209,14 @@ def decide(point: Point, peers: Iterable[Point], *, baseline: Mapping[str, float
             return Decision(True, f"accuracy {point.accuracy:.4g} at step {point.step} is {drop:.1f} points "
                                   f"below the baseline: past --max-accuracy-drop {limit:g} even "
                                   f"allowing {allowing}")
+    source = (f"; its latency and size as #{point.costs_from}, of the same deployed structure, measured them"
+              if point.costs_from is not None else "")
     hard = (("size_mib", "max_size_mb", "MiB", 0.0), ("latency_ms", "max_latency_ms", "ms", rule.cost_margin))
     for name, key, unit, margin in hard:
         bound = getattr(constraints, key)
         if bound is not None and name in measured and measured[name] > bound * (1 + margin):
             return Decision(True, f"its {name.split('_')[0]}, {measured[name]:.3g} {unit}, already misses "
-                                  f"--{key.replace('_', '-')} {bound:g}")
+                                  f"--{key.replace('_', '-')} {bound:g}{source}")
     peers = [p for p in peers if p.number != point.number and p.step == point.step]
     if len(peers) < rule.min_peers:
         return Decision(False)
@@ -166,5 +225,5 @@ def decide(point: Point, peers: Iterable[Point], *, baseline: Mapping[str, float
         return Decision(True, f"{len(by)} trials ({', '.join(f'#{n}' for n in by)}) beat it at step "
                               f"{point.step} by the margins ({rule.accuracy_points:g} points of accuracy, "
                               f"or as accurate and {rule.cost_margin:.0%} cheaper), with training knobs "
-                              f"that save at least as much memory", by)
+                              f"that save at least as much memory{source}", by)
     return Decision(False)
