@@ -265,7 +265,7 @@ class Knobs:
 
     def structure(self) -> tuple:
         """The values of the knobs that decide the deployed model (``DEPLOYED``), as a key."""
-        return tuple((name, self._values[name]) for name in DEPLOYED if name in self._values)
+        return tuple((name, self._values[name]) for name in DEPLOYED)
 
 
 def _rebuild(values: dict) -> Knobs:

@@ -88,12 +88,9 @@ class Point:
         return cls(number, int(values["step"]), float(values["accuracy"]), dict(values.get("costs", {})),
                    tuple(values.get("light", ())), values.get("costs_from"))
 
-    def with_costs(self, costs: Mapping[str, float], source: int | None = None) -> Point:
-        """This point with the cheap costs it lacks taken from ``costs`` (its own kept)."""
-        if all(name in self.costs for name in CHEAP):
-            return self
-        return replace(self, costs={**costs, **self.costs},
-                       costs_from=self.costs_from if source is None else source)
+    def with_costs(self, costs: Mapping[str, float], source: int) -> Point:
+        """This point with the cheap costs it lacks lent by trial ``source`` (its own kept)."""
+        return replace(self, costs={**costs, **self.costs}, costs_from=source)
 
     def ended(self, costs: Mapping[str, float]) -> Point:
         """This point once its trial has completed and its end measured ``costs``: those, for
