@@ -167,7 +167,7 @@ REFINING = ("quant_protect", "prune_alloc")
 # pruned, how it is quantized and compiled, under which autocast, and in a serving study how
 # requests are batched); the others change only how it is fine-tuned. Two trials with the same
 # values of these deploy the same program with other weights, whose values change neither a
-# kernel's time nor the weights' bytes (``Knobs.structure``).
+# kernel's time nor the weights' bytes (``trial/compress.py``'s ``structure``).
 DEPLOYED = ("precision", "compile", "prune_kind", "prune_ratio", "prune_alloc", "quantization",
             "quant_protect", "serving_max_batch", "serving_max_wait_ms")
 TRAINING_ONLY = ("accumulation", "checkpoint_every", "lr", "distill_alpha", "distill_temperature", "max_tokens")
@@ -262,10 +262,6 @@ class Knobs:
 
     def describe(self) -> str:
         return " ".join(part for k in KNOBS if k.text and (part := k.text(self)))
-
-    def structure(self) -> tuple:
-        """The values of the knobs that decide the deployed model (``DEPLOYED``), as a key."""
-        return tuple((name, self._values[name]) for name in DEPLOYED)
 
 
 def _rebuild(values: dict) -> Knobs:

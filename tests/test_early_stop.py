@@ -252,18 +252,99 @@ def test_only_an_eager_deployable_is_built_before_the_fine_tune(changes, compile
 INT8 = Knobs(quantization="int8-static")
 
 
-def test_the_structure_a_trial_deploys_leaves_out_what_only_trains():
-    """Knobs that change only the fine-tune share a structure; any knob that changes the
-    deployed model makes another. Every knob of the table is one or the other."""
+def test_the_structure_a_trial_deploys_leaves_out_what_does_not_reach_the_deployed_model():
+    """Knobs that change only the fine-tune share a structure, and so do values of deployed
+    knobs that do not reach the program deployed (a quantized model's training precision, a
+    compile mode it is deployed in anyway, unstructured zeros in dense tensors); any that
+    does makes another. Every knob of the table is one or the other kind."""
     from advisor import knobs as table
+    from advisor.trial import compress
 
     assert set(table.DEPLOYED) | set(table.TRAINING_ONLY) == set(table.names())
     assert not set(table.DEPLOYED) & set(table.TRAINING_ONLY)
-    trained = Knobs(quantization="int8-static", lr=3e-3, accumulation=4, distill_alpha=0.5)
-    assert trained.structure() == INT8.structure()
-    for other in (Knobs(quantization="int8-dynamic"), Knobs(quantization="int8-static", compile="default"),
-                  Knobs(quantization="int8-static", prune_kind="structured", prune_ratio=0.5)):
-        assert other.structure() != INT8.structure()
+
+    def key(device="cpu", **changes):
+        return compress.structure(Knobs(**changes), device)
+
+    int8 = key(quantization="int8-static")
+    for same in (dict(lr=3e-3, accumulation=4, distill_alpha=0.5), dict(compile="default"),
+                 dict(compile="max-autotune-no-cudagraphs"), dict(prune_kind="unstructured", prune_ratio=0.5)):
+        assert key(quantization="int8-static", **same) == int8, same
+    assert key(quantization="int8-static", precision="bf16") == int8
+    # On CUDA inductor's int8 lowerings autotune: the mode named is the mode deployed.
+    assert key("cuda", quantization="int8-dynamic", compile="max-autotune-no-cudagraphs") != \
+        key("cuda", quantization="int8-dynamic")
+    for other in (dict(quantization="int8-dynamic"), dict(quantization="qat-int8"),
+                  dict(quantization="int8-static", prune_kind="structured", prune_ratio=0.5),
+                  dict(quantization="int8-static", quant_protect=0.2)):
+        assert key(**other) != int8, other
+    # Eager fp32: the training precision autocasts inference, and a compile mode compiles it.
+    assert key(precision="bf16") != key() != key(compile="default")
+    assert key(prune_kind="unstructured", prune_ratio=0.3) == key()
+    assert key(prune_kind="structured", prune_ratio=0.3) != key(prune_kind="structured", prune_ratio=0.5)
+    assert key(prune_kind="structured", prune_ratio=0.3) != key(prune_kind="structured", prune_ratio=0.3,
+                                                                prune_alloc="sensitivity")
+
+
+def test_a_per_layer_plan_stands_for_the_shares_that_chose_it():
+    """With the trial's per-layer plan known, two protect shares that keep the same layers
+    share a structure (one that keeps none is whole-model int8), and so do two guided ratios
+    allocated alike; without it, each share stands for itself. A completed trial's plan is
+    read from its result."""
+    from advisor.techniques.layers import LayerPlan
+    from advisor.trial import compress
+
+    head = LayerPlan(protected=("head",))
+
+    def key(plan, **changes):
+        return compress.structure(Knobs(quantization="int8-static", **changes), "cpu", plan)
+
+    assert key(head, quant_protect=0.2) == key(head, quant_protect=0.5) != key(LayerPlan(), quant_protect=0.2)
+    assert key(LayerPlan(), quant_protect=0.2) == key(LayerPlan()) == key(None)
+    assert key(None, quant_protect=0.2) != key(None, quant_protect=0.5)
+    units = LayerPlan(prune_ratios=(("a", 0.3), ("b", 0.7)))
+    guided = dict(prune_kind="structured", prune_alloc="sensitivity")
+    assert key(units, prune_ratio=0.4, **guided) == key(units, prune_ratio=0.5, **guided)
+    assert key(units, prune_ratio=0.4, **guided) != key(LayerPlan(prune_ratios=(("a", 0.4), ("b", 0.4))),
+                                                        prune_ratio=0.4, **guided)
+
+    study = optuna.create_study(directions=["maximize"])
+    dist = {"quantization": DISTRIBUTIONS["quantization"],
+            "quant_protect": optuna.distributions.FloatDistribution(0.0, 0.5, step=0.1)}
+    for number, (share, plan) in enumerate([(0.2, head), (0.5, LayerPlan())]):
+        result = {"metrics": {"latency_ms": 1.0, "size_mib": 0.1}, **({"layers": plan.to_dict()} if plan else {})}
+        study.add_trial(optuna.trial.create_trial(
+            params={"quantization": "int8-static", "quant_protect": share}, distributions=dist,
+            values=[0.9], user_attrs={"result": result}))
+    trials = study.get_trials(deepcopy=False)
+    shares_head = Knobs(quantization="int8-static", quant_protect=0.3)
+    assert rungs.same_structure(trials, shares_head, "cpu", head)[0] == 0
+    assert rungs.same_structure(trials, Knobs(quantization="int8-static"), "cpu", LayerPlan())[0] == 1
+    assert rungs.same_structure(trials, shares_head, "cpu", None) is None, "no plan known: the share must match"
+
+
+def test_knobs_of_one_structure_deploy_the_same_program():
+    """What ``structure`` leaves out does not change what ``deployable`` builds: the same
+    mode deployed, no autocast, the same weights' bytes, as the plain knobs of that key."""
+    import torch
+
+    from advisor.trial import compress, measure
+    from workloads import FEATURES, MLP
+
+    example = torch.randn(8, FEATURES)
+    changes = dict(quantization="int8-dynamic", compile="max-autotune-no-cudagraphs", precision="bf16",
+                   prune_kind="unstructured", prune_ratio=0.5, lr=3e-3)
+    plain = dict(quantization="int8-dynamic")
+    built = []
+    for values in (changes, plain):
+        knobs = Knobs(**values)
+        torch.manual_seed(0)
+        student, _ = compress.student(MLP(), knobs, example)
+        built.append(compress.deployable(student, knobs, example, [example]))
+    assert compress.structure(Knobs(**changes), "cpu") == compress.structure(Knobs(**plain), "cpu")
+    (a, b) = built
+    assert a.info["compile"] == b.info["compile"] and a.autocast == b.autocast is False
+    assert measure.weight_bytes(a.module) == measure.weight_bytes(b.module)
 
 
 DISTRIBUTIONS = {"quantization": optuna.distributions.CategoricalDistribution(
@@ -313,10 +394,12 @@ def test_a_trial_without_costs_at_a_rung_is_judged_with_its_structures_and_told_
                           [Point(0, 15, 0.95)]) for i in range(4)]
     _completed(study, Knobs(quantization="int8-dynamic", lr=1e-3), 0.99, 0.1, 0.01, [Point(0, 15, 0.99)])
     state = SimpleNamespace(result=SimpleNamespace(baseline={"metrics": BASE}), lock=threading.Lock(),
-                            options=RunOptions(), study=study, constraints=NONE, rule=rungs.Rule(), stops={})
+                            options=RunOptions(), study=study, constraints=NONE, rule=rungs.Rule(), stops={},
+                            spec=SimpleNamespace(device="cpu"))
     trial = study.ask()
-    go_on = trial_loop._at_rung(state, trial, Knobs(quantization="int8-static", distill_alpha=0.5),
-                                {"step": 15, "accuracy": 0.93}, {})
+    # Deployed in default mode like its lenders: the compile knob changes only its fine-tune.
+    knobs = Knobs(quantization="int8-static", distill_alpha=0.5, compile="default")
+    go_on = trial_loop._at_rung(state, trial, knobs, {"step": 15, "accuracy": 0.93}, {})
     assert not go_on
     stored = study.trials[trial.number].user_attrs
     assert stored["rungs"][0]["costs_from"] == lenders[-1]

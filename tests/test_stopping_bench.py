@@ -13,6 +13,7 @@ from advisor.bench import search, stopping, stopping_live
 from advisor.dashboard import render
 from advisor.knobs import Knobs
 from advisor.study import load, rungs
+from advisor.trial import compress
 from conftest import FAST, PLAIN
 
 BASE_METRICS = {"accuracy": BASE[0], "latency_ms": BASE[1], "memory_mib": BASE[2], "size_mib": BASE[3]}
@@ -91,9 +92,9 @@ def test_a_trial_without_cheap_costs_is_dominated_only_once_its_structure_has_co
         row = rows[t["key"]]
         k = Knobs.from_dict(row["knobs"])
         if t["stopped"] is not None and not row["rungs"][0]["costs"]:
-            assert hopeless(k) or k.structure() in completed, "stopped with no cost measured or lent"
+            assert hopeless(k) or compress.structure(k, "cpu") in completed, "stopped, no cost measured or lent"
         if t["ok"]:
-            completed.add(k.structure())
+            completed.add(compress.structure(k, "cpu"))
 
 
 def test_a_replayed_trial_without_cheap_costs_takes_its_structures_as_the_loop_does():
@@ -104,7 +105,8 @@ def test_a_replayed_trial_without_cheap_costs_takes_its_structures_as_the_loop_d
                 and r["knobs"]["prune_kind"] == "none"]
     row, lender = compiled[0], compiled[1]
     k = Knobs.from_dict(row["knobs"])
-    assert Knobs.from_dict(lender["knobs"]).structure() == k.structure() and not row["rungs"][0]["costs"]
+    assert compress.structure(Knobs.from_dict(lender["knobs"]), "cpu") == compress.structure(k, "cpu")
+    assert not row["rungs"][0]["costs"]
     better = row["rungs"][0]["accuracy"] + 0.02
     points = {15: [rungs.Point(100 + i, 15, better, {"latency_ms": 0.5, "size_mib": 0.2}, rungs.lightness(k))
                    for i in range(4)]}

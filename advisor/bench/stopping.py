@@ -37,6 +37,7 @@ from advisor.knobs import Knobs
 from advisor.study import rungs, warm
 from advisor.study.options import make_sampler
 from advisor.texttable import table
+from advisor.trial import compress
 
 FULL = 100  # random search's trials whose compute is the scale
 SHARES = (0.1, 0.25, 0.5, 0.75, 1.0)  # compute budgets, as shares of random's FULL trials' compute
@@ -67,6 +68,7 @@ def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: fl
     grid = grid_from(table)
     rows = {key(r["knobs"]): r for r in table["rows"]}
     base = table["baseline_metrics"]
+    device = table["hardware"]["device"]
     constraints = Constraints.from_dict(table["constraints"])
     study = optuna.create_study(directions=objectives.DIRECTIONS, sampler=make_sampler(sampler, seed))
     for params in warm:
@@ -82,7 +84,7 @@ def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: fl
         stop = None
         if early_stop:
             stop = _stop_at(row, trial.number, knobs, points, base, constraints, gains, rule,
-                            done.get(knobs.structure()))
+                            done.get(compress.structure(knobs, device)))
         if stop is not None:
             spent += stop["seconds"]
             study.tell(trial, state=TrialState.PRUNED)
@@ -95,7 +97,7 @@ def replay(table: dict, sampler: str, seed: int, *, early_stop: bool, budget: fl
                     gains.setdefault(p["step"], []).append((p["accuracy"], gain))
                 if early_stop:
                     _completed(trial.number, row, points, base)
-                    done[knobs.structure()] = (trial.number, row)
+                    done[compress.structure(knobs, device)] = (trial.number, row)
             else:
                 study.tell(trial, state=TrialState.FAIL)
         out.append({"key": key(row["knobs"]), "params": dict(trial.params), "ok": row["ok"] and stop is None,

@@ -31,6 +31,7 @@ from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
 from advisor.study import record, rungs, storage
 from advisor.study.options import RunOptions
+from advisor.techniques.layers import LayerPlan
 from advisor.trial import measure
 from advisor.trial.runner import Outcome, TrialRunner
 from advisor.trial.spec import TrialSpec
@@ -297,7 +298,7 @@ def _at_rung(loop: Loop, trial: optuna.Trial, knobs: Knobs, point: dict, cheap: 
         trials = loop.study.get_trials(deepcopy=False)
         observe = loop.options.early_stop == "observe"  # the search table: what the trial measured only
         if not observe and any(name not in costs for name in rungs.CHEAP) and (
-                same := rungs.same_structure(trials, knobs)):
+                same := rungs.same_structure(trials, knobs, loop.spec.device, _plan(point))):
             # Not measured by this rung (a compiled deployable is timed at the end): the costs
             # of the same deployed structure, which a completed trial measured.
             number, result = same
@@ -313,6 +314,11 @@ def _at_rung(loop: Loop, trial: optuna.Trial, knobs: Knobs, point: dict, cheap: 
             record.write_stopped(trial, {"step": here.step, "reason": decision.reason, "by": list(decision.by)})
             loop.stops[trial.number] = f"stopped at step {here.step}: {decision.reason}"
     return not decision.stop
+
+
+def _plan(point: dict) -> LayerPlan | None:
+    """The per-layer choice a trial sent with its rung point; ``None`` where it sent none."""
+    return LayerPlan.from_dict(point["layers"]) if "layers" in point else None
 
 
 def _with_heartbeat(rdb: optuna.storages.RDBStorage, trial: optuna.Trial, tick):

@@ -11,9 +11,10 @@ trial either goes on or stops (:func:`decide`).
 
 A completed trial's points carry the costs its end measured where it had none at the rung
 (:func:`peers`). A trial with none at a rung takes those of the latest completed trial that
-deploys the same structure (:func:`same_structure`: the same pruning, quantization, compile
-mode, autocast and batcher, other weights; a weight's value changes neither a kernel's time
-nor its bytes), and its point names that trial (``costs_from``), as does a stop's reason.
+deploys the same structure (:func:`same_structure`, ``compress.structure``: the same pruned
+shapes, quantization, compile mode deployed, autocast and batcher, other weights; a weight's
+value changes neither a kernel's time nor its bytes), and its point names that trial
+(``costs_from``), as does a stop's reason.
 
 - **Dominated beyond a margin.** It stops when at least ``Rule.dominators`` other trials at
   the same rung beat it by the margins: at least ``Rule.accuracy_points`` more accurate, or
@@ -43,7 +44,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from advisor.constraints import Constraints
+from advisor.errors import AdvisorError
 from advisor.knobs import Knobs
+from advisor.techniques.layers import LayerPlan
+from advisor.trial import compress
 
 RUNGS = (0.25, 0.5)  # fractions of --trial-steps where a trial's accuracy is compared
 
@@ -146,19 +150,22 @@ def peers(trials: Iterable, step: int,
     return points, gains
 
 
-def same_structure(trials: Iterable, knobs: Knobs) -> tuple[int, dict] | None:
+def same_structure(trials: Iterable, knobs: Knobs, device: str,
+                   plan: LayerPlan | None = None) -> tuple[int, dict] | None:
     """The latest completed trial (its number and result) that deploys the same structure as
-    ``knobs`` (``Knobs.structure``): the same program with other weights, so the same kernel
+    ``knobs`` with per-layer ``plan`` on ``device`` (``compress.structure``; a completed
+    trial's plan is in its result): the same program with other weights, so the same kernel
     times and weights' bytes. What a trial that has not measured its cheap costs by a rung
     (a compiled deployable, timed at its end) is judged with; ``None`` when there is none."""
-    key = knobs.structure()
+    key = compress.structure(knobs, device, plan)
     found = None
     for t in trials:
         result = t.user_attrs.get("result") if t.state.name == "COMPLETE" else None
         if result and (found is None or t.number > found[0]):
             try:
-                same = Knobs.from_dict(t.params).structure() == key
-            except (TypeError, ValueError):  # params not written by this advisor
+                theirs = LayerPlan.from_dict(result.get("layers")) if plan is not None else None
+                same = compress.structure(Knobs.from_dict(t.params), device, theirs) == key
+            except (TypeError, ValueError, AdvisorError):  # params or a plan not written by this advisor
                 continue
             if same:
                 found = (t.number, result)

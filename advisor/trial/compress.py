@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advisor.knobs import Knobs
+from advisor.knobs import DEPLOYED, Knobs
 from advisor.techniques import checkpointing, pruning, quantization
 from advisor.techniques import compile as compile_technique
 from advisor.techniques.batching import BatchingConfig
@@ -95,15 +95,7 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
     # tensors run eagerly through Python dispatch (an int8-dynamic BERT measured 18x slower
     # than fp32 uncompiled): both are deployed compiled, as their libraries say to. The other
     # models are compiled for inference when the trial's compile knob asks for it.
-    compile_mode = knobs.config(CompileConfig).mode
-    needs_compile = config.pt2e or config.mode in quantization.TORCHAO
-    mode = compile_mode if compile_mode != "none" else ("default" if needs_compile else "none")
-    if needs_compile and mode.startswith("max-autotune") and _on_cpu(model):
-        # On CPU, max-autotune's GEMM autotuning fails in inductor's int8 linear lowering
-        # (torch 2.13, int8-dynamic on the zoo's BERT: "LoweringException: KeyError: 'buf81'"
-        # in mkldnn_lowerings.qlinear_unary): a quantized model is deployed in default mode.
-        # The knob still compiles the fine-tune; the result records the mode deployed.
-        mode = "default"
+    mode = deployed_mode(knobs, "cpu" if _on_cpu(model) else "cuda")
     run = compile_technique.deploy(model, mode) if mode != "none" else model
     if config.input_dtype is not None:
         run = CastInputs(run, config.input_dtype)
@@ -111,6 +103,52 @@ def deployable(trained: nn.Module, knobs: Knobs, example: Inputs,
             "sparsity": sparsity, **layers, **({"protected": list(plan.protected)} if plan else {})}
     return Deployable(module=model, run=run, autocast=config.mode == "none", info=info,
                       input_dtype=config.input_dtype)
+
+
+def deployed_mode(knobs: Knobs, device: str) -> str:
+    """The compile mode ``deployable`` deploys ``knobs``' model in on ``device`` ("cpu" or "cuda")."""
+    config = knobs.config(QuantizationConfig)
+    compile_mode = knobs.config(CompileConfig).mode
+    needs_compile = config.pt2e or config.mode in quantization.TORCHAO
+    mode = compile_mode if compile_mode != "none" else ("default" if needs_compile else "none")
+    if needs_compile and mode.startswith("max-autotune") and device == "cpu":
+        # On CPU, max-autotune's GEMM autotuning fails in inductor's int8 linear lowering
+        # (torch 2.13, int8-dynamic on the zoo's BERT: "LoweringException: KeyError: 'buf81'"
+        # in mkldnn_lowerings.qlinear_unary): a quantized model is deployed in default mode.
+        # The knob still compiles the fine-tune; the result records the mode deployed.
+        mode = "default"
+    return mode
+
+
+def structure(knobs: Knobs, device: str, plan: LayerPlan | None = None) -> tuple:
+    """What decides the program ``deployable`` builds for ``knobs`` on ``device``, as a key:
+    two trials with the same key deploy the same kernels over other weights, whose values
+    change neither a kernel's time nor the weights' bytes. Of the knobs that can change that
+    program (``knobs.DEPLOYED``), those that do not for these values are left out:
+
+    - unstructured pruning zeroes weights in place: the deployed tensors stay dense, so it
+      deploys the kernels and bytes of no pruning (on the search table, int8-static CNNs
+      unpruned and at 0.3 and 0.5 measured medians of 5.2, 5.1 and 5.2 ms, equal sizes);
+    - a quantized model (or half-precision weights) runs without the trial's autocast, so its
+      training precision does not reach it;
+    - the compile mode is the one deployed (``deployed_mode``): a PT2E or torchao model is
+      compiled in default mode whatever the knob, but in a mode it names that runs there;
+    - with the trial's per-layer ``plan`` (``techniques/layers.py``), the layers it protects
+      and its per-unit pruning ratios stand for ``quant_protect`` and a guided ``prune_ratio``:
+      two shares that keep the same layers deploy the same program. Without it (``None``: not
+      known) the knobs' values stand for themselves."""
+    values: dict = {name: getattr(knobs, name) for name in DEPLOYED}
+    if knobs.prune_kind == "unstructured":
+        values.update(prune_kind="none", prune_ratio=0.0, prune_alloc="uniform")
+    if knobs.quantization != "none":
+        values["precision"] = None
+    values["compile"] = deployed_mode(knobs, device)
+    if plan is not None or not knobs.quant_protect:
+        values["quant_protect"] = plan.protected if plan is not None else ()  # a share of 0 keeps none
+    if plan is not None:
+        if knobs.prune_kind == "structured" and knobs.prune_alloc == "sensitivity":
+            values.update(prune_ratio=None, prune_alloc=plan.prune_ratios)
+    return tuple(values.items())
 
 
 def compiled(knobs: Knobs) -> bool:

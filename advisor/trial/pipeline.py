@@ -150,7 +150,9 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
         # The trial's wall time so far: what stopping it here costs (the search benchmark's unit).
         points.append({"step": i + 1, "accuracy": accuracy,
                        "seconds": time.time() - spec.spawned_at if spec.spawned_at else None})
-        go_on = rung is None or rung(points[-1], cheap.cheap() if cheap else {})
+        # The per-layer choice goes with the point, for the study to find trials deploying the
+        # same program (``compress.structure``); it is stored once, with the result.
+        go_on = rung is None or rung({**points[-1], "layers": plan.to_dict()}, cheap.cheap() if cheap else {})
         phase("train")
         if not go_on:
             raise Stopped(points, cheap)
