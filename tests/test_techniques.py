@@ -177,6 +177,51 @@ def test_compile_is_applied_and_trains(tmp_path):
     assert frames >= 1, "dynamo compiled at least one graph"
 
 
+class Counting(nn.Module):
+    """Calls ``inner``, counting the calls: stands for a compiled model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_steps_before_the_first_rung_run_uncompiled_and_a_stop_there_never_calls_the_compiled_model(tmp_path):
+    """``eager_steps``: the model itself trains up to the first rung, so a trial the study
+    stops there never compiles its fine-tune; a trial that goes on calls the compiled model
+    for every later step, and its warm-up and timed steps come after the eager ones."""
+    train = split(tmp_path)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step):
+        def on_step(i):
+            if i + 1 == step:
+                raise Stop
+        return on_step
+
+    model = Recorder()
+    compiled = Counting(model)
+    t = trainer(model, train, steps=2, compiled=compiled)
+    with pytest.raises(Stop):
+        fine_tune(t, steps=10, warmup_steps=2, meter=MemoryMeter(CPU), on_step=stop_at(4), eager_steps=4)
+    assert compiled.calls == 0 and len(model.sizes) == 4 * 2, "stopped at the rung: the compiled model never ran"
+
+    model = Recorder()
+    compiled = Counting(model)
+    t = trainer(model, train, steps=2, compiled=compiled)
+    report = fine_tune(t, steps=10, warmup_steps=2, meter=MemoryMeter(CPU), eager_steps=4)
+    assert compiled.calls == (10 - 4) * 2 and len(model.sizes) == 10 * 2
+    assert report.eager_steps == 4 and report.samples == (10 - 4 - 2) * 16, "timed: the steps after the warm-up"
+    # Nothing to compile: every step is the model's own, and none is called eager.
+    t = trainer(Recorder(), train)
+    assert fine_tune(t, steps=10, warmup_steps=2, meter=MemoryMeter(CPU), eager_steps=4).eager_steps == 0
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: PrecisionConfig("fp8"), "precision must be one of 'fp32', 'bf16', 'fp16'; got 'fp8'"),
     (lambda: CompileConfig("fast"), "compile must be one of 'none', 'default'"),

@@ -157,7 +157,9 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
         if not go_on:
             raise Stopped(points, cheap)
 
-    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter, on_step=at_step)
+    # Uncompiled up to the first rung: a trial stopped there does not pay for compiling its fine-tune.
+    report = fine_tune(trainer, settings.trial_steps, settings.warmup_steps, meter, on_step=at_step,
+                       eager_steps=spec.rungs[0] if spec.rungs else 0)
     training_pools = measure.graph_pool_bytes(device)  # before inference records graphs of its own
 
     deploy, seconds = build()
@@ -219,6 +221,7 @@ def measure_trial(spec: TrialSpec, phase, rung: Rung | None = None) -> tuple[dic
             "optimizer_steps": report.steps,
             "final_loss": report.final_loss,
             "warmup_s": report.warmup_s,
+            "eager_steps": report.eager_steps,
             **({"tokens_per_s": report.tokens_per_s, "padding_share": report.padding_share}
                if lengths is not None else {}),
         },

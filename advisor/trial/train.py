@@ -8,7 +8,10 @@ are packed into trimmed micro-batches under the budget instead, each loss weight
 share of the step's samples (``techniques/batching.py``). Throughput counts samples (and,
 where lengths are known, real and padded tokens), so batchings compare fairly. The first
 ``warmup_steps`` steps (where compilation and lazy initialization happen) are timed apart;
-throughput comes from the steps after them. Peak memory is measured in a window of its own
+throughput comes from the steps after them. A trial the study may stop at its first rung runs
+the steps before it uncompiled (``eager_steps``): a stop there then saves compiling the
+fine-tune, which on a 2-core CPU cost 10-25 s of a 60-step trial, paid before its first step;
+the warm-up steps follow them. Peak memory is measured in a window of its own
 (``training_memory``), after the timed work, because measuring it well on CPU changes how
 the C library allocates.
 """
@@ -81,6 +84,7 @@ class TrainReport:
     compile_s: float  # warm-up time above steady-state steps, when compiled
     runtime_init_mib: float  # memory the warm-up steps added (allocator, kernels, compiler)
     final_loss: float
+    eager_steps: int = 0  # first steps run uncompiled, before the warm-up (a rung could stop the trial there)
     samples: int = 0  # samples of the measured steps
     tokens: int = 0  # their real tokens (0 when the workload gives no lengths)
     padded_tokens: int = 0  # the token positions computed, padding included
@@ -136,6 +140,7 @@ class Trainer:
         self.sampler = Sampler(len(data), seed)
         self.micro_batches = 0
         self.loss_sum = torch.zeros((), device=device)
+        self.eager = False  # call ``model`` rather than ``compiled`` (``fine_tune``'s eager steps)
 
     def step(self, batches: list[np.ndarray] | None = None) -> None:
         """One optimizer step over ``accumulation`` micro-batches (or the token budget's), or
@@ -152,7 +157,7 @@ class Trainer:
         for idx in batches:
             inputs, target = self.batch(idx)
             with self.autocast():
-                outputs = call_model(self.compiled, inputs)
+                outputs = call_model(self.model if self.eager else self.compiled, inputs)
                 loss = self.loss(outputs, target)
                 if self.teacher is not None:
                     with torch.no_grad():
@@ -201,10 +206,13 @@ class Trainer:
 
 
 def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMeter,
-              on_step: Callable[[int], None] | None = None) -> TrainReport:
-    """Run ``steps`` optimizer steps; time the ones after ``warmup_steps``. ``on_step(i)``
-    runs after step ``i`` (a rung's evaluation), its time left out of the steps'."""
+              on_step: Callable[[int], None] | None = None, eager_steps: int = 0) -> TrainReport:
+    """Run ``steps`` optimizer steps: the first ``eager_steps`` uncompiled, then
+    ``warmup_steps`` (compiling), then the timed ones. ``on_step(i)`` runs after step ``i``
+    (a rung's evaluation), its time left out of the steps'."""
     device = trainer.device
+    compiled = trainer.compiled is not trainer.model
+    eager_steps = max(0, min(eager_steps, steps - warmup_steps - 1)) if compiled else 0
     aside = [0.0]  # seconds spent in on_step
 
     def step_done(i: int) -> None:
@@ -217,28 +225,35 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
         aside[0] += time.perf_counter() - began
     trainer.model.train()
     synchronize(device)
-    level0 = meter.level()
+    level0 = meter.level()  # what every step before the timed ones adds (optimizer state, compiler)
+    trainer.eager = True
+    try:
+        for i in range(eager_steps):
+            trainer.step()
+            step_done(i)
+    finally:
+        trainer.eager = False
+    aside[0] = 0.0
     began = time.perf_counter()
-    for i in range(warmup_steps):
+    for i in range(eager_steps, eager_steps + warmup_steps):
         trainer.step()
         step_done(i)
-    trainer.take_loss(warmup_steps)
+    trainer.take_loss(eager_steps + warmup_steps)
     synchronize(device)
     warmup_s = time.perf_counter() - began - aside[0]
     runtime_init = meter.level() - level0
     counted = trainer.counts()
     aside[0] = 0.0
     began = time.perf_counter()
-    for i in range(warmup_steps, steps):
+    for i in range(eager_steps + warmup_steps, steps):
         trainer.step()
         step_done(i)
     synchronize(device)
     measured_s = time.perf_counter() - began - aside[0]
     samples, tokens, padded = (now - before for now, before in zip(trainer.counts(), counted, strict=True))
-    final_loss = trainer.take_loss(steps - warmup_steps)
-    measured_steps = steps - warmup_steps
+    measured_steps = steps - warmup_steps - eager_steps
+    final_loss = trainer.take_loss(measured_steps)
     step_s = measured_s / measured_steps
-    compiled = trainer.compiled is not trainer.model
     return TrainReport(
         steps=steps,
         micro_batches=trainer.micro_batches,
@@ -249,6 +264,7 @@ def fine_tune(trainer: Trainer, steps: int, warmup_steps: int, meter: MemoryMete
         compile_s=max(0.0, warmup_s - warmup_steps * step_s) if compiled else 0.0,
         runtime_init_mib=max(0, runtime_init) / MIB,
         final_loss=final_loss,
+        eager_steps=eager_steps,
         samples=samples, tokens=tokens, padded_tokens=padded,
     )
 
