@@ -311,7 +311,7 @@ def test_a_per_layer_plan_stands_for_the_shares_that_chose_it():
     study = optuna.create_study(directions=["maximize"])
     dist = {"quantization": DISTRIBUTIONS["quantization"],
             "quant_protect": optuna.distributions.FloatDistribution(0.0, 0.5, step=0.1)}
-    for number, (share, plan) in enumerate([(0.2, head), (0.5, LayerPlan())]):
+    for share, plan in [(0.2, head), (0.5, LayerPlan())]:
         result = {"metrics": {"latency_ms": 1.0, "size_mib": 0.1}, **({"layers": plan.to_dict()} if plan else {})}
         study.add_trial(optuna.trial.create_trial(
             params={"quantization": "int8-static", "quant_protect": share}, distributions=dist,

@@ -145,9 +145,8 @@ def structure(knobs: Knobs, device: str, plan: LayerPlan | None = None) -> tuple
     values["compile"] = deployed_mode(knobs, device)
     if plan is not None or not knobs.quant_protect:
         values["quant_protect"] = plan.protected if plan is not None else ()  # a share of 0 keeps none
-    if plan is not None:
-        if knobs.prune_kind == "structured" and knobs.prune_alloc == "sensitivity":
-            values.update(prune_ratio=None, prune_alloc=plan.prune_ratios)
+    if plan is not None and knobs.prune_kind == "structured" and knobs.prune_alloc == "sensitivity":
+        values.update(prune_ratio=None, prune_alloc=plan.prune_ratios)
     return tuple(values.items())
 
 
