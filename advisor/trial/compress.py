@@ -143,10 +143,12 @@ def structure(knobs: Knobs, device: str, plan: LayerPlan | None = None) -> tuple
     if knobs.quantization != "none":
         values["precision"] = None
     values["compile"] = deployed_mode(knobs, device)
-    if plan is not None or not knobs.quant_protect:
-        values["quant_protect"] = plan.protected if plan is not None else ()  # a share of 0 keeps none
-    if plan is not None and knobs.prune_kind == "structured" and knobs.prune_alloc == "sensitivity":
-        values.update(prune_ratio=None, prune_alloc=plan.prune_ratios)
+    if plan is not None:
+        values["quant_protect"] = plan.protected
+        if knobs.prune_kind == "structured" and knobs.prune_alloc == "sensitivity":
+            values.update(prune_ratio=None, prune_alloc=plan.prune_ratios)
+    elif not knobs.quant_protect:
+        values["quant_protect"] = ()  # a share of 0 keeps no layer, as a plan that keeps none
     return tuple(values.items())
 
 
