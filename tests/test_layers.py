@@ -273,3 +273,26 @@ def test_a_benchmark_repeat_varies_the_measurement_seed_not_only_the_sampler():
     assert resolve_settings(RunOptions(seed=3, trial_seed=2), None, 64, "s").seed == 2
     with pytest.raises(AdvisorError, match="was measured with --seed 0"):
         resolve_settings(RunOptions(trial_seed=2), {"seed": 0}, 64, "s")
+
+
+def test_the_layers_benchmark_pairs_int4_and_float8_where_cuda_offers_them_and_says_why_not_on_cpu():
+    import dataclasses
+
+    from advisor import space
+    from advisor.bench import layers as bench
+    from advisor.bench.offered import split_offered
+    from test_space import CPU_NO_BF16
+
+    configs = [c for pair in bench.PAIRS for c in pair]
+    h100 = dataclasses.replace(CPU_NO_BF16, device="cuda", bf16=True, fp16_fast=True, capability=(9, 0))
+    # Two Linear layers (so one can be protected), with in_features a multiple of 128 (int4's kernels).
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    on_gpu, _ = split_offered(configs, space.build(h100, model, 16, torch.randn(4, 128)))
+    on_cpu, left_out = split_offered(configs, space.build(CPU_NO_BF16, model, 16, torch.randn(4, 128)))
+    for mode in ("int4-weight-only", "float8"):
+        pair = [{"quantization": mode}, {"quantization": mode, "quant_protect": bench.PROTECT}]
+        assert all(c in on_gpu for c in pair) and not any(c in on_cpu for c in pair)
+        reasons = [why for c, why in left_out if c.get("quantization") == mode]
+        assert len(reasons) == 2 and all("needs CUDA" in why for why in reasons)
+    # PT2E int8 is the CPU's pair, and CUDA's table leaves it out.
+    assert {"quantization": "int8-static"} in on_cpu and {"quantization": "int8-static"} not in on_gpu

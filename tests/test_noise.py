@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from advisor.bench import noise
 from advisor.study import TrialRecord
@@ -31,6 +32,24 @@ def test_noise_benchmark_summarizes_paired_and_unpaired_ratios_against_its_goals
     text = noise.render({"rows": rows, "goals": noise._goals(rows), "hardware": {"device": "cpu"},
                          "settings": {"latency_batch": 64}, "workload": "w", "repeats": 3, "load_processes": 2})
     assert "0.500x (cv 1.6%)" in text and "3.000x" in text and "NOT met (worst 20.0%)" in text
+
+
+def test_the_noise_configurations_take_cuda_int8_where_pt2e_int8_is_not_offered():
+    import dataclasses
+
+    from torch import nn
+
+    from advisor import space
+    from test_space import CPU_NO_BF16
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    example = torch.randn(4, 8)
+    on_cpu = noise.offered_configs(space.build(CPU_NO_BF16, model, 16, example))
+    assert on_cpu == [dict(c) for c in noise.CONFIGS]
+    h100 = dataclasses.replace(CPU_NO_BF16, device="cuda", bf16=True, fp16_fast=True, capability=(9, 0))
+    on_gpu = noise.offered_configs(space.build(h100, model, 16, example))
+    assert [c.get("quantization") for c in on_gpu] == [None, "int8-dynamic", "int8-dynamic"]
+    assert on_gpu[2]["prune_ratio"] == 0.5 and on_gpu[0] == {}
 
 
 def test_cpu_load_runs_busy_processes_and_stops_them():

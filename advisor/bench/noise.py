@@ -20,7 +20,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from advisor import space
 from advisor.bench.knobs import label
+from advisor.bench.offered import workload_space
 from advisor.bench.progress import Progress, silent
 from advisor.knobs import Knobs
 from advisor.study import RunOptions, load, run
@@ -32,6 +34,9 @@ CONFIGS = (
     {"quantization": "int8-static"},
     {"prune_kind": "structured", "prune_ratio": 0.5, "quantization": "int8-static"},
 )
+# PT2E int8 targets the x86 CPU backend; where the space does not offer it (CUDA), torchao's
+# int8 with dynamic activations takes its place.
+INT8_FALLBACK = "int8-dynamic"
 LOAD_GOAL = 0.10  # a paired ratio under load within 10% of its quiet value
 CV_GOAL = 0.03  # quiet repeats' paired ratios within 3% of each other
 
@@ -57,10 +62,11 @@ def noise(model: str | None = None, device: str = "auto", *, repeats: int = 5,
     then ``repeats`` more under ``load_processes`` busy processes (default: one per core)."""
     lr = settings.get("lr") or DEFAULT_LR
     base = Knobs(lr=lr).to_dict()
-    queued = [{**base, **c} for c in CONFIGS for _ in range(repeats)]
     busy = load_processes or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="advisor-noise-") as tmp:
         root = Path(study_dir or tmp)
+        configs = offered_configs(workload_space(model, device, root / "cache" / "space", lr)[2])
+        queued = [{**base, **c} for c in configs for _ in range(repeats)]
         url = f"sqlite:///{root / 'noise.db'}"
         options = dict(model=model, device=device, trials=len(queued), enqueue=queued, storage=url,
                        cache_dir=str(root / "cache"), study="noise", sampler="random", seed=0,
@@ -72,7 +78,7 @@ def noise(model: str | None = None, device: str = "auto", *, repeats: int = 5,
     baseline = record.baseline
     trials = record.trials
     rows = []
-    for i, config in enumerate(CONFIGS):
+    for i, config in enumerate(configs):
         row = {"config": label(config) or "baseline's knobs", "knobs": config}
         for condition, offset in (("quiet", 0), ("loaded", len(queued))):
             mine = [trials[offset + i * repeats + r] for r in range(repeats)]
@@ -84,6 +90,15 @@ def noise(model: str | None = None, device: str = "auto", *, repeats: int = 5,
             "settings": record.settings, "repeats": repeats, "load_processes": busy,
             "baseline_latency_ms": baseline["metrics"]["latency_ms"], "rows": rows,
             "goals": _goals(rows)}
+
+
+def offered_configs(search: space.Space) -> list[dict]:
+    """``CONFIGS`` as this space can run them: int8-static becomes ``INT8_FALLBACK`` where it
+    is not offered (a space offering neither refuses the study with its own reason)."""
+    if "int8-static" in search.quantization or INT8_FALLBACK not in search.quantization:
+        return [dict(c) for c in CONFIGS]
+    return [{**c, "quantization": INT8_FALLBACK} if c.get("quantization") == "int8-static" else dict(c)
+            for c in CONFIGS]
 
 
 def _condition(trials, baseline: dict) -> dict:

@@ -126,11 +126,13 @@ def register(sub) -> None:
     z.set_defaults(handler=zoo)
     y = which.add_parser("layers", help="whole-model against per-layer (sensitivity-guided) quantization "
                          "and structured pruning",
-                         description="Each pair (int8-static and qat-int8 whole against quant_protect "
+                         description="Each pair (int8-static, qat-int8, and on CUDA int4-weight-only and "
+                                     "float8, whole against quant_protect "
                                      f"{layers_bench.PROTECT:g}; structured pruning uniform against "
                                      "prune_alloc sensitivity at ratios "
                                      f"{', '.join(f'{r:g}' for r in layers_bench.STRUCTURED)}) as two trials, "
-                                     "in one study per seed.")
+                                     "in one study per seed; pairs this machine does not offer are listed "
+                                     "with the reason.")
     y.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
     y.add_argument("--device", default="auto", help="auto, cpu or cuda")
     y.add_argument("--seeds", type=int, default=3, help="studies, one per --seed (default 3)")
@@ -143,9 +145,9 @@ def register(sub) -> None:
     n = which.add_parser("noise", help="latency ratios of the same configurations on a quiet machine and "
                          "beside busy processes, paired and unpaired",
                          description="Three configurations (the baseline's knobs, int8-static, structured "
-                                     "0.5 + int8-static) as --repeats trials each on the machine as it "
-                                     "is (run it on a quiet one), then as many again while busy "
-                                     "processes run on the same cores.")
+                                     "0.5 + int8-static; on CUDA int8-dynamic in place of int8-static) as "
+                                     "--repeats trials each on the machine as it is (run it on a quiet "
+                                     "one), then as many again while busy processes run on the same cores.")
     n.add_argument("--model", metavar="MODULE:FUNCTION", help="workload (default: the embedded one)")
     n.add_argument("--device", default="auto", help="auto, cpu or cuda")
     n.add_argument("--repeats", type=int, default=5, help="trials per configuration and condition (default 5)")
