@@ -65,6 +65,12 @@ summary=()
 failed=0
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(tests layers noise apply)
+for name in "${stages[@]}"; do  # a mistyped stage is refused before any stage spends device time
+  case $name in
+    tests|layers|noise|apply|knobs|stopping) ;;
+    *) echo "unknown stage '$name': expected tests, layers, noise, apply, knobs or stopping"; exit 2 ;;
+  esac
+done
 for name in "${stages[@]}"; do
   case $name in
     tests) stage tests "$py" -m pytest -q -o addopts="-p no:cacheprovider" -m gpu tests ;;
@@ -78,7 +84,6 @@ for name in "${stages[@]}"; do
              --trial-steps 20 --latency-seconds 0.3 --trial-timeout 90 --json "$out/knobs.json" ;;
     stopping) stage stopping "$py" -m advisor bench stopping --model "$model" --device "$device" \
                 --seeds 1 --trials 10 --dir "$work/stopping" --json "$out/stopping.json" ;;
-    *) echo "unknown stage '$name': expected tests, layers, noise, apply, knobs or stopping"; exit 2 ;;
   esac
 done
 echo "== gpu check on $device ($model)"
